@@ -1,0 +1,336 @@
+"""Generators: turn (prompt, noise seed) into uint8 images on the device, and the worker loop.
+
+`DiffusionGenerator` drives a diffusers `StableDiffusionPipeline` (text encoder, UNet,
+scheduler, VAE) with the paper's knobs. It calls the pipeline itself, so the denoising loop
+is diffusers' own, and adds only what a stream needs:
+
+- one CPU ``torch.Generator`` per sample for the initial latents, so a sample's image depends
+  on its prompt, seed and the settings only, never on its batch or its GPU;
+- text embeddings cached per distinct prompt (class prompts repeat thousands of times);
+- the UNet under ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs on GPU), compiled
+  and captured once per process by `warmup`, for a fixed batch shape (redraws are padded);
+- black or non-finite images (fp16 overflow, the safety checker when on) redrawn with a seed
+  derived from the sample's, and counted;
+- the batch resized (antialiased) to the stream resolution and quantised to uint8 on the device.
+
+`worker_main` is the body of one generator process: it takes jobs (rank, slot, unit) from the
+supervisor, writes the unit's images, labels and ids straight into the queue slot and commits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from streamgen.config import GeneratorConfig
+from streamgen.errors import UsageError
+from streamgen.pipeline import load_pipeline
+from streamgen.plan import SamplePlan, redraw_seed, unit_ids
+from streamgen.queue import SharedBuffer, SlotQueue
+
+FAKE = "fake"  # --model fake: class-coloured noise with no diffusion, for testing the stream fast
+FAULT_ENV = "STREAMGEN_INJECT_FAULT"  # testing hook, see `FaultInjection`
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def check_attention(attention: str) -> None:
+    """xformers must be importable when asked for (checked in the launcher, before spawning)."""
+    if attention == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise UsageError(
+                "--generator.attention xformers: xformers is not installed "
+                "(pip install 'streamgen[xformers]' with a matching torch, or use sdpa)"
+            ) from None
+
+
+def make_scheduler(name: str, config):
+    """The model's own scheduler by default, or DDIM / DPM-Solver++ built from its config."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    return None
+
+
+def to_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[0, 1] float NCHW -> uint8 NCHW at ``size``, resized with antialiasing, on the device."""
+    if images.shape[-1] != size or images.shape[-2] != size:
+        from torchvision.transforms.v2 import functional as F
+
+        images = F.resize(images, [size, size], antialias=True)
+    return images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class DiffusionGenerator:
+    """Stable Diffusion images for (prompt, seed) batches; see the module docstring."""
+
+    def __init__(self, cfg: GeneratorConfig, model: str, out_resolution: int, device: torch.device) -> None:
+        self.cfg, self.device, self.out_resolution = cfg, device, out_resolution
+        self.batch_size = cfg.batch_size
+        self.dtype = resolve_dtype(cfg.dtype, device)
+        pipe = load_pipeline(model, self.dtype, cfg.safety_checker).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
+        if scheduler is not None:
+            pipe.scheduler = scheduler
+        if cfg.attention == "xformers":
+            pipe.enable_xformers_memory_efficient_attention()
+        if cfg.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+            mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
+            pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+        self.pipe = pipe
+        self._embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._negative: torch.Tensor | None = None
+        self.redraws = 0
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg.guidance > 1.0
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings ``[B, 77, D]`` from the cache; misses are encoded in one call."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._embeds))
+        if missing:
+            embeds, _ = self.pipe.encode_prompt(missing, self.device, 1, False)
+            for prompt, embed in zip(missing, embeds):
+                self._embeds[prompt] = embed
+            while len(self._embeds) > max(self.cfg.text_cache, len(prompts)):
+                self._embeds.popitem(last=False)
+        for p in prompts:
+            self._embeds.move_to_end(p)
+        return torch.stack([self._embeds[p] for p in prompts])
+
+    def negative(self, n: int) -> torch.Tensor | None:
+        if not self.guided:
+            return None
+        if self._negative is None:
+            self._negative = self.pipe.encode_prompt([""], self.device, 1, False)[0]
+        return self._negative.expand(n, -1, -1)
+
+    def _denoise(self, prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float images in [0, 1] at the generation size, and a per-sample 'bad' mask."""
+        n = len(prompts)
+        out = self.pipe(
+            prompt_embeds=self.encode(prompts),
+            negative_prompt_embeds=self.negative(n),
+            generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+            num_inference_steps=self.cfg.steps,
+            guidance_scale=self.cfg.guidance,
+            height=self.cfg.resolution,
+            width=self.cfg.resolution,
+            output_type="pt",
+        )
+        images = out.images
+        bad = ~torch.isfinite(images).flatten(1).all(1) | (images.flatten(1).amax(1) <= 0)
+        if out.nsfw_content_detected is not None:
+            bad |= torch.tensor(out.nsfw_content_detected, device=bad.device)
+        return images, bad
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """uint8 ``[B, 3, R, R]`` on the device, R = the stream resolution; B <= batch_size."""
+        n = len(prompts)
+        pad = self.batch_size - n  # a fixed batch shape keeps the compiled graph
+        images, bad = self._denoise(prompts + prompts[:1] * pad, list(seeds) + list(seeds[:1]) * pad)
+        images, bad = images[:n], bad[:n]
+        for attempt in range(1, self.cfg.max_redraws + 1):
+            todo = torch.nonzero(bad).flatten().tolist()  # one host sync per batch, after decoding
+            if not todo:
+                break
+            self.redraws += len(todo)
+            redo_prompts = [prompts[i] for i in todo]
+            redo_seeds = [redraw_seed(int(seeds[i]), attempt) for i in todo]
+            for start in range(0, len(todo), self.batch_size):
+                idx = todo[start : start + self.batch_size]
+                chunk_p, chunk_s = redo_prompts[start : start + len(idx)], redo_seeds[start : start + len(idx)]
+                pad = self.batch_size - len(idx)
+                new, new_bad = self._denoise(chunk_p + chunk_p[:1] * pad, chunk_s + chunk_s[:1] * pad)
+                images[idx], bad[idx] = new[: len(idx)], new_bad[: len(idx)]
+        images = torch.nan_to_num(images, nan=0.0)  # a sample still bad after max_redraws stays black
+        return to_uint8(images, self.out_resolution)
+
+    def warmup(self) -> None:
+        """One full batch: loads kernels, compiles and captures the CUDA graphs."""
+        self.generate(["warm-up"] * self.batch_size, list(range(self.batch_size)))
+        self._embeds.pop("warm-up", None)
+        self.redraws = 0
+
+
+class FakeGenerator:
+    """Deterministic images without diffusion: a class-free pattern from the noise seed.
+
+    For tests and benchmarks of the stream itself (``--model fake``): same interface and the
+    same per-sample reproducibility, at memcpy speed.
+    """
+
+    def __init__(self, cfg: GeneratorConfig, out_resolution: int, device: torch.device) -> None:
+        self.batch_size, self.out_resolution, self.device = cfg.batch_size, out_resolution, device
+        self.redraws = 0
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        r = self.out_resolution
+        out = torch.empty(len(seeds), 3, r, r, dtype=torch.uint8)
+        for i, seed in enumerate(seeds):
+            g = torch.Generator().manual_seed(int(seed))
+            low = torch.randint(0, 256, (1, 3, 4, 4), generator=g, dtype=torch.uint8)
+            out[i] = torch.nn.functional.interpolate(low.float(), size=(r, r), mode="nearest")[0].to(torch.uint8)
+        return out.to(self.device)
+
+    def warmup(self) -> None:
+        pass
+
+
+def make_generator(cfg: GeneratorConfig, model: str, out_resolution: int, device: torch.device):
+    if model == FAKE:
+        return FakeGenerator(cfg, out_resolution, device)
+    return DiffusionGenerator(cfg, model, out_resolution, device)
+
+
+class GeneratorStats:
+    """Per-generator counters in shared memory; row g is written by generator g only."""
+
+    FIELDS = ("images", "redraws", "busy_seconds", "units", "restarts")
+
+    def __init__(self, generators: int) -> None:
+        self.generators = generators
+        self.buffer = SharedBuffer(8 * generators * len(self.FIELDS), "streamgen-stats")
+        self._attach()
+
+    def _attach(self) -> None:
+        self.table = self.buffer.array(np.float64, (self.generators, len(self.FIELDS)), 0)
+
+    def __getstate__(self) -> dict:
+        return {"generators": self.generators, "buffer": self.buffer}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._attach()
+
+    def add(self, g: int, field: str, value: float) -> None:
+        self.table[g, self.FIELDS.index(field)] += value
+
+    def total(self, field: str) -> float:
+        return float(self.table[:, self.FIELDS.index(field)].sum())
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """A testing hook: ``STREAMGEN_INJECT_FAULT=kind:generator:after_units[:lives]``.
+
+    Generator ``generator`` fails while writing its unit number ``after_units`` (0-based),
+    in its first ``lives`` lives (default 1; restarts count lives). ``kind`` is ``raise`` (an
+    exception in the loop) or ``kill`` (SIGKILL to itself, mid-batch).
+    """
+
+    kind: str
+    generator: int
+    after_units: int
+    lives: int = 1
+
+    @classmethod
+    def from_env(cls) -> FaultInjection | None:
+        spec = os.environ.get(FAULT_ENV)
+        if not spec:
+            return None
+        kind, generator, after, *lives = spec.split(":")
+        return cls(kind, int(generator), int(after), int(lives[0]) if lives else 1)
+
+    def maybe_fail(self, generator: int, life: int, units_done: int) -> None:
+        if generator != self.generator or life >= self.lives or units_done != self.after_units:
+            return
+        if self.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault in generator {generator} (life {life}, unit {units_done})")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a generator process needs; pickled into it at spawn."""
+
+    index: int
+    life: int  # 0 for the first start, +1 per restart
+    device: str
+    threads: int
+    model: str
+    cfg: GeneratorConfig
+    plan: SamplePlan
+    unit_size: int
+    out_resolution: int
+
+
+def worker_main(spec: WorkerSpec, conn, queues: list[SlotQueue], stats: GeneratorStats) -> None:
+    """One generator process: build the model, then serve jobs until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns shutdown
+    try:
+        _serve(spec, conn, queues, stats)
+    except (EOFError, BrokenPipeError):
+        pass  # the supervisor is gone: nothing left to serve
+    except BaseException:
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
+        raise SystemExit(1)
+
+
+def _serve(spec: WorkerSpec, conn, queues: list[SlotQueue], stats: GeneratorStats) -> None:
+    started = time.monotonic()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        for q in queues:
+            q.pin_memory()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    generator = make_generator(spec.cfg, spec.model, spec.out_resolution, device)
+    generator.warmup()
+    conn.send(("ready", time.monotonic() - started))
+    fault = FaultInjection.from_env()
+    units_done = 0
+    while (job := conn.recv()) is not None:
+        rank, slot, unit = job
+        t0 = time.monotonic()
+        view = queues[rank].view(slot)
+        ids = unit_ids(unit, spec.unit_size)
+        labels = spec.plan.labels(ids)
+        prompts = spec.plan.prompts(ids, labels)
+        seeds = spec.plan.noise_seeds(ids).tolist()
+        redraws_before = generator.redraws
+        for start in range(0, spec.unit_size, generator.batch_size):
+            stop = start + generator.batch_size
+            images = generator.generate(prompts[start:stop], seeds[start:stop])
+            view.images[start:stop].copy_(images, non_blocking=True)  # device -> pinned slot
+            if fault is not None:
+                fault.maybe_fail(spec.index, spec.life, units_done)
+        view.labels.copy_(torch.from_numpy(labels))
+        view.ids.copy_(torch.from_numpy(ids))
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # the slot is complete in memory
+        queues[rank].commit(slot)
+        units_done += 1
+        stats.add(spec.index, "images", spec.unit_size)
+        stats.add(spec.index, "units", 1)
+        stats.add(spec.index, "redraws", generator.redraws - redraws_before)
+        stats.add(spec.index, "busy_seconds", time.monotonic() - t0)
+        conn.send(("done", rank, unit))
