@@ -42,7 +42,7 @@ class ClassInfo:
 
     key: str
     lemmas: str  # c: all lemma names, comma-joined ("pirate, pirate ship")
-    hypernyms: str  # h_c: first lemma of each direct hypernym ("ship"); "" if none
+    hypernyms: str  # h_c: first lemma of each direct hypernym, by synset name ("ship"); "" if none
     definition: str  # d_c: the WordNet gloss, or the user's description
 
 
@@ -110,7 +110,8 @@ def wordnet_info(wnid: str) -> ClassInfo:
         synset = None
     if synset is None:
         raise UsageError(f"{wnid} is not a WordNet 3.0 noun synset id: check the class list")
-    hypernyms = synset.hypernyms() + synset.instance_hypernyms()
+    # nltk keeps pointers in a set (order varies between processes): sort by synset name.
+    hypernyms = sorted(synset.hypernyms() + synset.instance_hypernyms(), key=lambda s: s.name())
     return ClassInfo(
         key=wnid,
         lemmas=", ".join(lemma.name().replace("_", " ") for lemma in synset.lemmas()),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -193,4 +194,6 @@ def load_pipeline(model: str, dtype: torch.dtype, safety_checker: bool = False):
     from diffusers import StableDiffusionPipeline
 
     extra = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
-    return StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True, **extra)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)  # diffusers >= 0.36
+        return StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True, **extra)

@@ -1,0 +1,175 @@
+"""Shared fixtures: a tiny SD pipeline, image folders, and helpers to run train.py for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def wordnet_available() -> bool:
+    try:
+        from nltk.corpus import wordnet
+
+        wordnet.ensure_loaded()
+        return True
+    except LookupError:
+        return False
+
+
+needs_wordnet = pytest.mark.skipif(
+    not wordnet_available(), reason="WordNet for nltk is not installed (../shared/tools/install-wordnet.sh)"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from streamgen.pipeline import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_image_folder(root: Path, keys: list[str], per_class: int = 3, size: tuple[int, int] = (40, 48), seed: int = 0) -> Path:
+    """A folder in the ImageNet-val layout: root/<key>/<i>.png, random RGB images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for key in keys:
+        (root / key).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / key / f"{i}.png")
+    return root
+
+
+def shm_entries() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def descendants(pid: int) -> list[int]:
+    """Live descendants of ``pid`` (from /proc), for checking that a run left no process."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def memfd_holders(prefix: str = "memfd:streamgen") -> list[int]:
+    """Processes that still map or hold a streamgen shared-memory file."""
+    holders = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}").startswith(prefix):
+                    holders.append(int(entry))
+                    break
+        except OSError:
+            continue
+    return holders
+
+
+def train_cmd(*args: str, config: str = "configs/smoke.yaml") -> list[str]:
+    return [PYTHON, str(ROOT / "train.py"), "--config", str(ROOT / config), *args]
+
+
+class TrainRun:
+    """train.py in a subprocess (its own process group), with its output kept for assertions."""
+
+    def __init__(self, args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = tmp_path / f"train-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+
+    @property
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.flush()
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"train.py exited ({self.proc.returncode}) before {text!r}:\n{self.output[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} within {timeout} s:\n{self.output[-3000:]}")
+            time.sleep(0.2)
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def train_run(tmp_path):
+    runs: list[TrainRun] = []
+
+    def start(*args: str, config: str = "configs/smoke.yaml", env: dict[str, str] | None = None) -> TrainRun:
+        run = TrainRun(train_cmd("--out", str(tmp_path / "runs"), *args, config=config), tmp_path, env)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:  # never leave a run behind, whatever the test did
+        if run.proc.poll() is None:
+            run.kill_group()
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def read_consumed(run_dir: Path, rank: int = 0) -> list[tuple[int, int]]:
+    path = run_dir / f"consumed-rank{rank}.tsv"
+    return [tuple(map(int, line.split("\t"))) for line in path.read_text().splitlines()]

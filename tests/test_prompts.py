@@ -1,0 +1,74 @@
+import subprocess
+import sys
+
+import pytest
+
+from streamgen.classes import load_classes
+from streamgen.errors import UsageError
+from streamgen.prompts import PromptTemplate, places365_scenes, readable_scene
+
+PAPILLON, PIRATE, TABBY = "n02086910", "n03947888", "n02123045"
+
+
+def render(template: str, wnid: str, scene: str | None = None) -> str:
+    cls = load_classes(f"imagenet1k:{wnid}").classes[0]
+    return PromptTemplate.parse(template).render(cls, scene)
+
+
+def test_paper_prompt_families_exact_strings():
+    assert render("c", PAPILLON) == "papillon"
+    assert render("c", PIRATE) == "pirate, pirate ship"
+    assert render("c", TABBY) == "tabby, tabby cat"
+    assert render("c_hc", PAPILLON) == "papillon, toy spaniel"
+    assert render("c_hc", PIRATE) == "pirate, pirate ship, ship"
+    assert render("c_dc", PAPILLON) == (
+        "papillon, small slender toy spaniel with erect ears and a black-spotted brown to white coat"
+    )
+    assert render("c_hc_b", PAPILLON, "hockey arena") == "papillon, toy spaniel inside hockey arena"
+
+
+def test_places_scenes_are_readable():
+    scenes = places365_scenes()
+    assert len(scenes) == 365 and len(set(scenes)) == 365
+    assert readable_scene("arena/hockey") == "hockey arena"
+    assert readable_scene("airport_terminal") == "airport terminal"
+    assert readable_scene("athletic_field/outdoor") == "outdoor athletic field"
+    assert "hockey arena" in scenes and not any("/" in s or "_" in s for s in scenes)
+
+
+def test_user_templates():
+    assert render("a photo of a {c}", TABBY) == "a photo of a tabby, tabby cat"
+    assert PromptTemplate.parse("{c} in {b}").uses_background
+    with pytest.raises(UsageError, match=r"unknown placeholder \{x\}"):
+        PromptTemplate.parse("a {x} photo")
+    with pytest.raises(UsageError, match="unknown prompt template 'c_hb'"):
+        PromptTemplate.parse("c_hb")
+
+
+def test_template_needing_what_a_custom_class_lacks(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- name: heat pump\n  description: a device that moves heat\n")
+    classes = load_classes(str(path))
+    PromptTemplate.parse("c_dc").check_classes(classes)
+    with pytest.raises(UsageError, match="needs \\{h\\}.*'heat pump' has none"):
+        PromptTemplate.parse("c_hc").check_classes(classes)
+
+
+def test_preview_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "streamgen.prompts", "--classes", "imagenet100", "--template", "c_hc_b", "--n", "5"],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()
+    assert out[0].split("\t") == ["id", "wnid", "label", "seed", "prompt"]
+    rows = [line.split("\t") for line in out[1:]]
+    assert [int(r[0]) for r in rows] == list(range(5))
+    keys = load_classes("imagenet100").keys
+    for _, wnid, label, _, prompt in rows:
+        assert keys[int(label)] == wnid and " inside " in prompt
+
+
+def test_preview_bad_template_exits_2():
+    result = subprocess.run(
+        [sys.executable, "-m", "streamgen.prompts", "--template", "nope"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,109 @@
+import multiprocessing as mp
+import os
+import pickle
+import time
+
+import pytest
+import torch
+
+from streamgen.queue import FILLED, FREE, READING, WRITING, Doorbell, OwnerDied, SlotQueue, StreamClosed
+
+SPAWN = mp.get_context("spawn")
+
+
+def make_queue(slots=3, unit=4, res=8) -> SlotQueue:
+    return SlotQueue(slots, unit, res, Doorbell())
+
+
+def test_slot_life_cycle_and_lowest_unit_first():
+    q = make_queue()
+    a, b, c = q.claim(0, unit=7), q.claim(1, unit=5), q.claim(0, unit=9)
+    assert q.claim(1, unit=11) is None  # full: the supervisor waits
+    assert q.count(WRITING) == 3
+    for slot in (a, c, b):
+        q.commit(slot)
+    assert q.count(FILLED) == 3
+    got = [q.get(poll=0.01) for _ in range(3)]
+    assert [q.unit(s) for s in got] == [5, 7, 9]
+    assert q.count(READING) == 3
+    for s in got:
+        q.release(s)
+    assert q.count(FREE) == 3 and q.freed.wait(0)
+
+
+def test_reclaim_frees_only_uncommitted_slots():
+    q = make_queue()
+    slot = q.claim(0, unit=3)
+    assert q.reclaim(slot, 3) and q.count(FREE) == 3
+    slot = q.claim(0, unit=4)
+    q.commit(slot)
+    assert not q.reclaim(slot, 4)  # delivered: must not be made again
+
+
+def test_closed_queue_raises_with_the_reason():
+    q = make_queue()
+    q.close("generator 0 failed: Traceback ... boom")
+    with pytest.raises(StreamClosed, match="boom"):
+        q.get(poll=0.01)
+
+
+def test_views_are_zero_copy_over_the_slot():
+    q = make_queue()
+    v = q.view(1)
+    v.images.fill_(3)
+    assert q.view(1).images.data_ptr() == v.images.data_ptr()
+    assert q.view(1).images.sum().item() == 3 * v.images.numel()
+    assert v.images.shape == (4, 3, 8, 8) and v.labels.shape == (4,) and v.ids.dtype == torch.int64
+
+
+def test_handles_pass_only_at_spawn():
+    with pytest.raises(RuntimeError, match="only be handed to a process when it is spawned"):
+        pickle.dumps(make_queue())
+
+
+def _produce(q: SlotQueue, slot: int, unit: int) -> None:
+    v = q.view(slot)
+    v.images.fill_(unit)
+    v.ids.copy_(torch.arange(unit * 4, unit * 4 + 4))
+    q.commit(slot)
+
+
+@pytest.mark.timeout(60)
+def test_a_child_process_writes_what_the_parent_reads():
+    q = make_queue()
+    slot = q.claim(0, unit=6)
+    p = SPAWN.Process(target=_produce, args=(q, slot, 6))
+    p.start()
+    got = q.get(poll=0.1)  # blocks on the doorbell until the child commits
+    p.join(30)
+    assert got == slot and q.view(got).images.unique().tolist() == [6]
+    assert q.view(got).ids.tolist() == [24, 25, 26, 27]
+
+
+def _orphan_consumer(q: SlotQueue, result_path: str) -> None:
+    try:
+        q.get(poll=0.1)
+        outcome = "got a slot"
+    except OwnerDied as e:
+        outcome = f"OwnerDied: {e}"
+    with open(result_path, "w") as f:
+        f.write(outcome)
+
+
+def _owner_that_dies(result_path: str) -> None:
+    q = make_queue()  # this process owns the queue
+    SPAWN.Process(target=_orphan_consumer, args=(q, result_path)).start()
+    time.sleep(2)  # let the consumer block on the empty queue
+    os._exit(0)  # die without closing anything
+
+
+@pytest.mark.timeout(60)
+def test_a_consumer_whose_owner_died_raises_instead_of_hanging(tmp_path):
+    result = tmp_path / "result.txt"
+    owner = SPAWN.Process(target=_owner_that_dies, args=(str(result),))
+    owner.start()
+    owner.join(30)
+    deadline = time.monotonic() + 30
+    while not result.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert result.read_text().startswith("OwnerDied: the launcher")
