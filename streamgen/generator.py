@@ -33,7 +33,7 @@ from streamgen.config import GeneratorConfig
 from streamgen.errors import UsageError
 from streamgen.pipeline import load_pipeline
 from streamgen.plan import SamplePlan, redraw_seed, unit_ids
-from streamgen.queue import SharedBuffer, SlotQueue
+from streamgen.queue import SharedBuffer, SlotQueue, avoid_named_semaphores
 
 FAKE = "fake"  # --model fake: class-coloured noise with no diffusion, for testing the stream fast
 FAULT_ENV = "STREAMGEN_INJECT_FAULT"  # testing hook, see `FaultInjection`
@@ -279,6 +279,7 @@ class WorkerSpec:
 def worker_main(spec: WorkerSpec, conn, queues: list[SlotQueue], stats: GeneratorStats) -> None:
     """One generator process: build the model, then serve jobs until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns shutdown
+    avoid_named_semaphores()
     try:
         _serve(spec, conn, queues, stats)
     except (EOFError, BrokenPipeError):

@@ -34,7 +34,7 @@ from streamgen.generator import FAKE, GeneratorStats, WorkerSpec, check_attentio
 from streamgen.pipeline import resolve_model
 from streamgen.plan import SamplePlan, UnitCursor, load_class_counts
 from streamgen.prompts import PromptTemplate
-from streamgen.queue import OwnerDied, SlotQueue, StreamClosed, slot_nbytes
+from streamgen.queue import OwnerDied, SlotQueue, StreamClosed, avoid_named_semaphores, slot_nbytes
 from streamgen.supervisor import SPAWN, GeneratorFailed, Supervisor
 
 DESCRIPTION = (
@@ -133,7 +133,10 @@ def load_resume_cursors(path: str, meta: dict[str, Any]) -> list[UnitCursor]:
     for key, flag in (("seed", "--seed"), ("unit_size", "--stream.batch_size"), ("world", "--trainers")):
         if state[key] != meta[key]:
             raise UsageError(f"--resume {path}: the checkpoint's stream has {flag} {state[key]}; resume with {flag} {state[key]}")
-    return [UnitCursor.from_state_dict(c) for c in state["cursors"]]
+    cursors = sorted((UnitCursor.from_state_dict(c) for c in state["cursors"]), key=lambda c: c.rank)
+    if [c.rank for c in cursors] != list(range(meta["world"])):
+        raise UsageError(f"--resume {path}: the checkpoint's stream position is incomplete (ranks {[c.rank for c in cursors]})")
+    return cursors
 
 
 def prepare(cfg: RunConfig) -> Job:
@@ -169,6 +172,7 @@ class TrainerSpec:
 def trainer_main(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> None:
     """One trainer rank (a spawned process): Lightning fit on this rank's queue."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns shutdown
+    avoid_named_semaphores()
     os.environ.update(spec.env)
     try:
         _fit(spec, queue, stats)

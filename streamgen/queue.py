@@ -50,6 +50,17 @@ class OwnerDied(RuntimeError):
     """The process that owns the queue (the launcher) is gone."""
 
 
+def avoid_named_semaphores() -> None:
+    """Call first in every child process: tqdm's default lock is a named POSIX semaphore
+    (``/dev/shm/sem.mp-*``) that a process killed by SIGKILL leaves behind. Progress bars
+    need only a thread lock within one process."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def _spawn_only_dupfd(fd: int, what: str):
     if context.get_spawning_popen() is None:
         raise RuntimeError(f"a {what} can only be handed to a process when it is spawned")

@@ -147,7 +147,10 @@ class StreamDataModule(L.LightningDataModule):
         return {"format": STATE_FORMAT, **self.run_meta, "cursors": cursors}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.cursor = UnitCursor.from_state_dict(state["cursors"][self.rank])
+        mine = [c for c in state["cursors"] if c["rank"] == self.rank]
+        if not mine:
+            raise RuntimeError(f"the checkpoint holds no stream position for rank {self.rank}")
+        self.cursor = UnitCursor.from_state_dict(mine[0])
 
 
 def stream_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:

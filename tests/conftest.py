@@ -96,7 +96,7 @@ def memfd_holders(prefix: str = "memfd:streamgen") -> list[int]:
             continue
         try:
             for fd in os.listdir(f"/proc/{entry}/fd"):
-                if os.readlink(f"/proc/{entry}/fd/{fd}").startswith(prefix):
+                if prefix in os.readlink(f"/proc/{entry}/fd/{fd}"):
                     holders.append(int(entry))
                     break
         except OSError:
