@@ -316,35 +316,38 @@ def run(job: Job) -> int:
     env = {}
     if cfg.trainers > 1:
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "NODE_RANK": "0", "WORLD_SIZE": str(cfg.trainers)}
-    previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
-    trainers: list = []
-    status = 1
     supervisor = Supervisor(
         worker, job.generator_devices, job.cursors, job.slots,
         max_restarts=cfg.stream.max_restarts, restart_backoff=cfg.stream.restart_backoff, log=log,
     )
+    previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+    trainers: list = []
+    status, reason = 1, STOP_REASON
     try:
-        with supervisor:
-            log(f"{cfg.generators} generator(s) on {', '.join(sorted(set(job.generator_devices)))} loading {cfg.model}")
-            for rank in range(cfg.trainers):
-                rank_env = {**env, "LOCAL_RANK": str(rank)} if cfg.trainers > 1 else {}
-                spec = TrainerSpec(rank, job, str(run_dir), trainer_threads, rank_env)
-                p = SPAWN.Process(target=trainer_main, args=(spec, supervisor.queues[rank], supervisor.stats), name=f"streamgen-trainer{rank}")
-                p.start()
-                trainers.append(p)
-            status = _supervise(supervisor, trainers)
+        supervisor.start()
+        log(f"{cfg.generators} generator(s) on {', '.join(sorted(set(job.generator_devices)))} loading {cfg.model}")
+        for rank in range(cfg.trainers):
+            rank_env = {**env, "LOCAL_RANK": str(rank)} if cfg.trainers > 1 else {}
+            spec = TrainerSpec(rank, job, str(run_dir), trainer_threads, rank_env)
+            p = SPAWN.Process(target=trainer_main, args=(spec, supervisor.queues[rank], supervisor.stats), name=f"streamgen-trainer{rank}")
+            p.start()
+            trainers.append(p)
+        status = _supervise(supervisor, trainers)
+        reason = "the run is over"
     except GeneratorFailed as e:
         log(f"stopping: {str(e).splitlines()[0]}")
         _join(trainers, 10.0)  # they raise the generator's error from the closed queue
-        status = 1
     except (KeyboardInterrupt, _Terminate):
         log("interrupted: stopping every process")
-        for q in supervisor.queues:
-            q.close(STOP_REASON)
         status = 130
     finally:
+        # Cleanup is bounded (seconds); a second Ctrl-C must not cut it short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        supervisor.close_queues(reason)  # trainers stop at their next batch
         _join(trainers, 4.0)
-        supervisor.shutdown(STOP_REASON if status else "the run is over", grace=2.0)
+        supervisor.shutdown(reason, grace=2.0)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, previous_sigterm)
     if status == 0:
         log(f"done: {cfg.train.max_steps} steps; checkpoints in {run_dir / 'checkpoints'}")
@@ -359,8 +362,7 @@ def _supervise(supervisor: Supervisor, trainers: list) -> int:
         if any(c not in (None, 0) for c in codes):
             bad = next(i for i, c in enumerate(codes) if c not in (None, 0))
             log(f"trainer rank {bad} failed (exit status {codes[bad]}): stopping")
-            for q in supervisor.queues:
-                q.close(f"trainer rank {bad} failed")
+            supervisor.close_queues(f"trainer rank {bad} failed")
             return 1
         if all(c == 0 for c in codes):
             return 0

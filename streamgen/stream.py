@@ -19,7 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from streamgen.augment import eval_transform, train_augment
 from streamgen.plan import UnitCursor
@@ -81,8 +81,11 @@ class StreamDataModule(L.LightningDataModule):
         if not self.val_dir:
             return []
         dataset = labelled_image_folder(self.val_dir, self.class_keys, eval_transform(self.crop), ignore_extra=True)
+        # Each rank scores its share (padded by at most world-1 repeated images).
+        sampler = DistributedSampler(dataset, self.world, self.rank, shuffle=False) if self.world > 1 else None
         return DataLoader(
-            dataset, batch_size=self.val_batch_size, num_workers=self.workers, pin_memory=torch.cuda.is_available()
+            dataset, batch_size=self.val_batch_size, sampler=sampler, num_workers=self.workers,
+            pin_memory=torch.cuda.is_available(),
         )
 
     # -- the hand-off to the model ----------------------------------------------------------

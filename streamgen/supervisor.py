@@ -94,9 +94,12 @@ class Supervisor:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def __enter__(self) -> Supervisor:
+    def start(self) -> None:
         for g in self.generators:
             self._start(g)
+
+    def __enter__(self) -> Supervisor:
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -112,11 +115,15 @@ class Supervisor:
         child.close()
         g.conn, g.ready, g.job, g.restart_at, g.started = parent, False, None, None, time.monotonic()
 
-    def shutdown(self, reason: str = "the run is over", grace: float = 5.0) -> None:
-        """Stop every generator (politely, then by force) and close the queues."""
+    def close_queues(self, reason: str) -> None:
+        """Consumers raise `StreamClosed(reason)` at their next wait (first reason wins)."""
         for q in self.queues:
             if not q.closed:
                 q.close(reason)
+
+    def shutdown(self, reason: str = "the run is over", grace: float = 5.0) -> None:
+        """Close the queues and stop every generator (politely, then by force)."""
+        self.close_queues(reason)
         for g in self.generators:
             if g.process is not None and g.process.is_alive():
                 try:
@@ -200,8 +207,7 @@ class Supervisor:
             self.failed = (
                 f"generator {g.index} ({g.device}) failed {g.failures} times; giving up. Its last error:\n{cause}"
             )
-            for q in self.queues:
-                q.close(self.failed)
+            self.close_queues(self.failed)
             return
         delay = self.restart_backoff * 2 ** (g.failures - 1)
         self.log(

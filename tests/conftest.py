@@ -88,17 +88,34 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def memfd_holders(prefix: str = "memfd:streamgen") -> list[int]:
-    """Processes that still map or hold a streamgen shared-memory file."""
-    holders = []
+def _alive(pid: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def processes_with_env(marker: str) -> list[int]:
+    """Live processes whose environment holds ``marker``: a run and all it started, even
+    those reparented after their parent died."""
+    found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+        if entry.isdigit() and _alive(entry):
+            try:
+                if marker.encode() in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def memfd_holders(pids: list[int], prefix: str = "memfd:streamgen") -> list[int]:
+    """Those of ``pids`` that hold a streamgen shared-memory file."""
+    holders = []
+    for pid in pids:
         try:
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                if prefix in os.readlink(f"/proc/{entry}/fd/{fd}"):
-                    holders.append(int(entry))
-                    break
+            if any(prefix in os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")):
+                holders.append(pid)
         except OSError:
             continue
     return holders
@@ -114,10 +131,16 @@ class TrainRun:
     def __init__(self, args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = tmp_path / f"train-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")
+        # Every process of the run inherits this marker: tests find them all by it.
+        self.marker = f"STREAMGEN_TEST_RUN={self.log_path}"
+        marker_env = {"STREAMGEN_TEST_RUN": str(self.log_path)}
         self.proc = subprocess.Popen(
-            args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-            start_new_session=True,
+            args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {}), **marker_env}, start_new_session=True,
         )
+
+    def processes(self) -> list[int]:
+        return processes_with_env(self.marker)
 
     @property
     def output(self) -> str:

@@ -27,13 +27,13 @@ def run_dir(tmp_path: Path, version: int = 0) -> Path:
     return tmp_path / "runs" / "smoke" / f"version_{version}"
 
 
-def assert_nothing_left(pid: int, shm_before: set) -> None:
+def assert_nothing_left(run, shm_before: set) -> None:
+    """No process of the run is alive (so none holds its memory) and /dev/shm is as before."""
     deadline = time.monotonic() + 10
-    while descendants(pid) and time.monotonic() < deadline:
+    while run.processes() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not descendants(pid), "a child process outlived the run"
+    assert not run.processes(), "a process of the run outlived it"
     assert shm_entries() <= shm_before, f"left in /dev/shm: {shm_entries() - shm_before}"
-    assert not memfd_holders(), "some process still holds the run's shared memory"
 
 
 @pytest.mark.slow
@@ -43,7 +43,7 @@ def test_smoke_run_logs_everything_and_leaves_nothing(train_run, tmp_path):
     run = train_run("--generators", "2", "--trainers", "1")
     assert run.wait(240) == 0, run.output[-3000:]
     assert "train steps: 100%" in run.output  # the progress bar
-    assert_nothing_left(run.proc.pid, shm_before)
+    assert_nothing_left(run, shm_before)
     folder = run_dir(tmp_path)
     scalars = read_scalars(folder)
     assert SCALARS <= set(scalars), f"missing {SCALARS - set(scalars)}"
@@ -125,7 +125,7 @@ def test_ctrl_c_or_sigterm_stops_every_process_within_10_s(train_run, sig):
     started = time.monotonic()
     assert run.wait(15) == 130, run.output[-2000:]
     assert time.monotonic() - started < 10
-    assert_nothing_left(run.proc.pid, shm_before)
+    assert_nothing_left(run, shm_before)
     assert "Traceback" not in run.output
 
 
@@ -140,7 +140,24 @@ def test_a_dead_trainer_stops_the_run(train_run):
     os.kill(trainer, signal.SIGKILL)
     assert run.wait(15) == 1
     assert "trainer rank 0 failed" in run.output
-    assert_nothing_left(run.proc.pid, shm_before)
+    assert_nothing_left(run, shm_before)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_an_exception_in_the_trainer_stops_the_run(train_run, tmp_path):
+    from conftest import write_image_folder
+
+    from streamgen.classes import load_classes
+
+    shm_before = shm_entries()
+    key = load_classes("imagenet100:10").keys[0]
+    val = write_image_folder(tmp_path / "val", [key], per_class=1)
+    (val / key / "corrupt.png").write_bytes(b"this is not a PNG")  # raises in validation
+    run = train_run(*FAST, "--train.max_steps", "1000", "--train.val_dir", str(val), "--train.val_every", "3", "--train.workers", "0")
+    assert run.wait(180) == 1
+    assert "UnidentifiedImageError" in run.output and "trainer rank 0 failed" in run.output
+    assert_nothing_left(run, shm_before)
 
 
 def _is_trainer(pid: int) -> bool:
@@ -163,7 +180,7 @@ def test_a_generator_that_keeps_failing_stops_the_run_with_its_traceback(train_r
     out = run.output
     assert "the stream stopped: generator 0 (cpu) failed 2 times" in out
     assert "RuntimeError: injected fault in generator 0" in out  # the worker's own traceback
-    assert_nothing_left(run.proc.pid, shm_before)
+    assert_nothing_left(run, shm_before)
 
 
 @pytest.mark.slow
@@ -215,9 +232,9 @@ def test_a_run_killed_as_a_whole_leaves_nothing_and_the_next_starts(train_run, t
     shm_before = shm_entries()
     run = train_run(*FAST, "--generators", "2", "--train.max_steps", "100000")
     run.wait_for("train steps:", 180)
-    assert memfd_holders()  # the queues exist while it runs...
+    assert memfd_holders(run.processes())  # the queues exist while it runs...
     run.kill_group()  # SIGKILL to every process of the run at once
-    assert_nothing_left(run.proc.pid, shm_before)  # ...and the kernel freed them with it
+    assert_nothing_left(run, shm_before)  # ...and the kernel freed them with it
     again = train_run(*FAST, "--generators", "1", "--train.max_steps", "5")
     assert again.wait(180) == 0
 
@@ -235,3 +252,28 @@ def test_two_trainer_ranks_share_the_stream_without_overlap(train_run, tmp_path)
     assert len(set(rank0 + rank1)) == 24
     state = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["StreamDataModule"]
     assert sorted(c["rank"] for c in state["cursors"]) == [0, 1]  # every rank's position saved
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_real_images_are_evaluated_while_training(train_run, tmp_path):
+    from conftest import write_image_folder
+
+    from streamgen.classes import load_classes
+
+    val = write_image_folder(tmp_path / "val", load_classes("imagenet100:10").keys[:3], per_class=2)
+    run = train_run(*FAST, "--train.max_steps", "10", "--train.val_dir", str(val), "--train.val_every", "5", "--train.workers", "0")
+    assert run.wait(180) == 0, run.output[-3000:]
+    scalars = read_scalars(run_dir(tmp_path))
+    assert [step for step, _ in scalars["val/top1"]] == [4, 9]  # after steps 5 and 10
+    assert all(0 <= v <= 1 for _, v in scalars["val/top1"] + scalars["val/top5"])
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_smoke_run_on_gpus(train_run, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs: one generator, one trainer")
+    run = train_run("--generators", "1", "--trainers", "1", "--generator.compile", "on")
+    assert run.wait(540) == 0, run.output[-3000:]
+    assert len(read_consumed(run_dir(tmp_path))) == 50

@@ -107,3 +107,15 @@ def test_a_consumer_whose_owner_died_raises_instead_of_hanging(tmp_path):
     while not result.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert result.read_text().startswith("OwnerDied: the launcher")
+
+
+@pytest.mark.gpu
+def test_pinned_slots_copy_to_the_gpu():
+    q = make_queue()
+    q.pin_memory()
+    assert q._pinned
+    view = q.view(1)
+    view.images.fill_(7)
+    on_gpu = view.images.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert on_gpu.float().mean().item() == 7

@@ -1,6 +1,7 @@
 """Generators -> queues -> consumers with real processes: exactly once, through crashes."""
 
 import multiprocessing as mp
+import os
 import threading
 import time
 
@@ -12,7 +13,7 @@ from streamgen.config import GeneratorConfig
 from streamgen.generator import FAULT_ENV, WorkerSpec
 from streamgen.plan import SamplePlan, UnitCursor, unit_ids
 from streamgen.prompts import PromptTemplate
-from streamgen.queue import SlotQueue, StreamClosed
+from streamgen.queue import FILLED, SlotQueue, StreamClosed
 from streamgen.supervisor import SPAWN, GeneratorFailed, Supervisor
 
 UNIT = 8
@@ -155,3 +156,24 @@ def test_resumed_ledger_skips_consumed_units():
     got = [u for u, _, _ in records]
     assert len(got) == len(set(got)) and not {0, 1, 2, 4, 7} & set(got)
     assert {3, 5, 6, 8} <= set(got)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.timeout(120)
+def test_a_full_queue_blocks_producers_without_busy_waiting():
+    with supervisor(generators=2, slots=2) as sup:
+        run_until(sup, lambda: sup.all_ready and sup.queues[0].count(FILLED) == 2, 60)
+        pids = [g.process.pid for g in sup.generators]
+        before = [_cpu_seconds(p) for p in pids]
+        started = time.process_time()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # nobody consumes: the queue stays full
+            sup.poll(1.0)
+        spent = [_cpu_seconds(p) - b for p, b in zip(pids, before)]
+        assert max(spent) < 0.2, f"producers burnt {spent} CPU seconds while blocked"
+        assert time.process_time() - started < 0.3  # and so did the supervisor
+        assert sup.queues[0].count(FILLED) == 2 and all(g.process.is_alive() for g in sup.generators)
