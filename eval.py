@@ -21,13 +21,23 @@ from streamgen.evaluate import evaluate_folder, load_classifier
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint written by train.py (e.g. .../checkpoints/last.ckpt)")
-    parser.add_argument("--data", nargs="+", required=True, help="folders of real images, one sub-folder per WordNet id")
+    parser.add_argument(
+        "--data", nargs="+", required=True, help="folders of real images, one sub-folder per WordNet id"
+    )
     parser.add_argument("--crop", type=int, default=224, help="evaluation crop; use the training crop (train.crop)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=4, help="data-loading processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--all-classes", action="store_true", help="score among all the model's classes even when a folder holds fewer (default: among the folder's, the ImageNet-R/A protocol)")
-    parser.add_argument("--ignore-extra-classes", action="store_true", help="skip sub-folders of classes the model was not trained on (default: an error)")
+    parser.add_argument(
+        "--all-classes",
+        action="store_true",
+        help="score among all the model's classes even when a folder holds fewer (default: among the folder's, the ImageNet-R/A protocol)",
+    )
+    parser.add_argument(
+        "--ignore-extra-classes",
+        action="store_true",
+        help="skip sub-folders of classes the model was not trained on (default: an error)",
+    )
     parser.add_argument("--out", help="also write the results to this JSON file")
     return parser.parse_args(argv)
 
@@ -37,7 +47,9 @@ def main(argv=None) -> int:
     try:
         model = load_classifier(args.checkpoint, torch.device(args.device))
         results = [
-            evaluate_folder(model, root, args.crop, args.batch_size, args.workers, not args.all_classes, args.ignore_extra_classes)
+            evaluate_folder(
+                model, root, args.crop, args.batch_size, args.workers, not args.all_classes, args.ignore_extra_classes
+            )
             for root in args.data
         ]
     except UsageError as e:

@@ -57,14 +57,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="sd14-random" if gpu else "tiny")
     parser.add_argument("--resolution", type=int, default=512 if gpu else 64)
-    parser.add_argument("--out-resolution", type=int, default=None, help="stream resolution (default: the generation size)")
+    parser.add_argument(
+        "--out-resolution", type=int, default=None, help="stream resolution (default: the generation size)"
+    )
     parser.add_argument("--steps", type=int, default=50 if gpu else 20)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--batch", type=int, default=16 if gpu else 8)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--compile", default="auto", help="auto (GPU: on), on, off")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--peak-tflops", type=float, default=800.0, help="dense bf16/fp16 peak of the GPU (H100 SXM: ~800-990)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=800.0, help="dense bf16/fp16 peak of the GPU (H100 SXM: ~800-990)"
+    )
     parser.add_argument("--skip-batch1", action="store_true", help="skip the plain batch-1 baseline (slow at 50 steps)")
     args = parser.parse_args()
     device = torch.device("cuda" if gpu else "cpu")
@@ -72,8 +76,12 @@ def main() -> None:
         torch.set_num_threads(torch.get_num_threads())
     model = resolve_model(args.model)
     cfg = GeneratorConfig(
-        resolution=args.resolution, steps=args.steps, guidance=args.guidance, batch_size=args.batch,
-        compile=args.compile, dtype=args.dtype,
+        resolution=args.resolution,
+        steps=args.steps,
+        guidance=args.guidance,
+        batch_size=args.batch,
+        compile=args.compile,
+        dtype=args.dtype,
     )
     out_res = args.out_resolution or args.resolution
     prompts = [PROMPTS[i % 2] for i in range(args.batch)]
@@ -84,21 +92,26 @@ def main() -> None:
     ours.warmup()
     warmup_s = time.perf_counter() - t0
     t_ours = timed(lambda: ours.generate(prompts, seeds), args.iters, device)
-    del ours
 
     pipe = load_pipeline(model, resolve_dtype(cfg.dtype, device)).to(device)
     pipe.set_progress_bar_config(disable=True)
 
     def plain(n: int):
         return pipe(
-            prompts[:n], generator=[torch.Generator().manual_seed(s) for s in seeds[:n]],
-            num_inference_steps=args.steps, guidance_scale=args.guidance,
-            height=args.resolution, width=args.resolution, output_type="pt",
+            prompts[:n],
+            generator=[torch.Generator().manual_seed(s) for s in seeds[:n]],
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            height=args.resolution,
+            width=args.resolution,
+            output_type="pt",
         ).images
 
     t_plain = timed(lambda: plain(args.batch), args.iters, device)
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; model {args.model}; {args.resolution} px, {args.steps} steps, guidance {args.guidance}, batch {args.batch}")
+    print(
+        f"device: {name}; model {args.model}; {args.resolution} px, {args.steps} steps, guidance {args.guidance}, batch {args.batch}"
+    )
     print(f"streamgen warm-up (load excluded; compile/capture included): {warmup_s:.1f} s")
     print(f"(a) streamgen generator : {t_ours:8.3f} s/batch  {args.batch / t_ours:8.2f} images/s")
     print(f"(b) diffusers pipeline  : {t_plain:8.3f} s/batch  {args.batch / t_plain:8.2f} images/s")
@@ -106,11 +119,15 @@ def main() -> None:
     if gpu:
         if not args.skip_batch1:
             t_one = timed(lambda: plain(1), args.iters, device)
-            print(f"(c) diffusers, batch 1  : {t_one:8.3f} s/image  {1 / t_one:8.2f} images/s; (a) is {args.batch / t_ours * t_one:.2f}x (target >= 3x)")
+            print(
+                f"(c) diffusers, batch 1  : {t_one:8.3f} s/image  {1 / t_one:8.2f} images/s; (a) is {args.batch / t_ours * t_one:.2f}x (target >= 3x)"
+            )
         flop = tflop_per_image(args.resolution, args.steps, args.guidance > 1)
         achieved = args.batch / t_ours * flop
-        print(f"    {flop:.1f} TFLOP/image -> {achieved:.0f} TFLOP/s achieved, {100 * achieved / args.peak_tflops:.0f}% of {args.peak_tflops:.0f} TFLOP/s "
-              f"(bound {args.peak_tflops / flop:.2f} images/s; target >= 5.5 images/s, >= 60%)")
+        print(
+            f"    {flop:.1f} TFLOP/image -> {achieved:.0f} TFLOP/s achieved, {100 * achieved / args.peak_tflops:.0f}% of {args.peak_tflops:.0f} TFLOP/s "
+            f"(bound {args.peak_tflops / flop:.2f} images/s; target >= 5.5 images/s, >= 60%)"
+        )
 
 
 if __name__ == "__main__":

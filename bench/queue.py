@@ -132,13 +132,19 @@ def main() -> None:
     args = parser.parse_args()
     gb = args.batch * 3 * args.resolution**2 / 1e9
     memcpy = max(bench_memcpy(args.batches, args.batch, args.resolution) for _ in range(3))
-    print(f"batch: {args.batch} x 3 x {args.resolution} x {args.resolution} uint8 = {gb * 1e3:.1f} MB; {os.cpu_count()} CPU cores")
+    print(
+        f"batch: {args.batch} x 3 x {args.resolution} x {args.resolution} uint8 = {gb * 1e3:.1f} MB; {os.cpu_count()} CPU cores"
+    )
     print(f"memcpy (1 process, 1 thread): {memcpy:8.1f} batches/s {memcpy * gb:6.2f} GB/s")
-    print(f"{'producers':>9} {'streamgen b/s':>14} {'GB/s':>6} {'% memcpy':>9} {'torch mp.Queue b/s':>19} {'GB/s':>6} {'speed-up':>9}")
+    print(
+        f"{'producers':>9} {'streamgen b/s':>14} {'GB/s':>6} {'% memcpy':>9} {'torch mp.Queue b/s':>19} {'GB/s':>6} {'speed-up':>9}"
+    )
     for n in args.producers:
         ours = bench_streamgen(n, args.batches, args.batch, args.resolution, args.slots)
         theirs = bench_torch_queue(n, args.batches, args.batch, args.resolution)
-        print(f"{n:>9} {ours:>14.1f} {ours * gb:>6.2f} {100 * ours / memcpy:>8.0f}% {theirs:>19.1f} {theirs * gb:>6.2f} {ours / theirs:>8.1f}x")
+        print(
+            f"{n:>9} {ours:>14.1f} {ours * gb:>6.2f} {100 * ours / memcpy:>8.0f}% {theirs:>19.1f} {theirs * gb:>6.2f} {ours / theirs:>8.1f}x"
+        )
 
 
 if __name__ == "__main__":

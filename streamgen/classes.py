@@ -91,7 +91,6 @@ def shipped_wordnet_table() -> dict[str, ClassInfo]:
 
 
 def _wordnet():
-    import nltk
     from nltk.corpus import wordnet
 
     try:
@@ -175,9 +174,7 @@ def _base_classes(base: str) -> list[ClassInfo]:
         return wordnet_classes(imagenet100_wnids())
     path = Path(base)
     if not path.is_file():
-        raise UsageError(
-            f"class set {base!r} is neither {' nor '.join(BUILTIN_SETS)} nor a readable file"
-        )
+        raise UsageError(f"class set {base!r} is neither {' nor '.join(BUILTIN_SETS)} nor a readable file")
     if path.suffix in (".yaml", ".yml", ".csv"):
         return _read_named_file(path)
     return wordnet_classes(_read_wnid_file(path))

@@ -31,11 +31,15 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class GeneratorConfig:
     resolution: int = _f(512, "generation size in pixels (SD v1.x: 512); a multiple of 8")
     steps: int = _f(50, "denoising steps (the paper: 50)")
-    guidance: float = _f(7.5, "classifier-free guidance scale (the paper: 7.5, or 2.0 for more diverse images); <= 1 turns guidance off")
+    guidance: float = _f(
+        7.5, "classifier-free guidance scale (the paper: 7.5, or 2.0 for more diverse images); <= 1 turns guidance off"
+    )
     scheduler: str = _f("default", "the model's own scheduler ('default'), 'ddim' or 'dpm++'")
     batch_size: int = _f(16, "images per denoising batch on one generator; must divide stream.batch_size")
     dtype: str = _f("auto", "auto (float16 on GPU, float32 on CPU), float16, bfloat16 or float32")
-    attention: str = _f("sdpa", "'sdpa' (PyTorch scaled-dot-product attention) or 'xformers' (needs the xformers extra)")
+    attention: str = _f(
+        "sdpa", "'sdpa' (PyTorch scaled-dot-product attention) or 'xformers' (needs the xformers extra)"
+    )
     compile: str = _f("auto", "torch.compile the UNet: 'auto' (on GPU, with CUDA graphs), 'on' or 'off'")
     channels_last: bool = _f(True, "channels-last memory format for the UNet and VAE")
     text_cache: int = _f(4096, "text embeddings kept per generator (one per distinct prompt)")
@@ -69,7 +73,9 @@ class TrainConfig:
     preview_every: int = _f(500, "steps between image grids of generated samples (0: never)")
     checkpoint_every: int = _f(1000, "steps between checkpoints (they carry the stream position)")
     keep_checkpoints: int = _f(2, "most recent checkpoints kept")
-    val_dir: str | None = _f(None, "real images, one folder per WordNet id (ImageNet-val layout), evaluated while training")
+    val_dir: str | None = _f(
+        None, "real images, one folder per WordNet id (ImageNet-val layout), evaluated while training"
+    )
     val_every: int = _f(5000, "steps between evaluations on val_dir")
     val_batch_size: int = _f(256, "batch size of the evaluation on val_dir")
     workers: int = _f(4, "data-loading workers for val_dir")
@@ -79,10 +85,18 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     seed: int = _f(0, "run seed: fixes every sample's class, prompt and noise")
-    classes: str = _f("imagenet1k", "imagenet1k, imagenet100, a file of WordNet ids or a YAML/CSV of name+description; ':N' or ':id,id' for a subset")
-    class_counts: str | None = _f(None, "file of 'class count' lines: sample classes in these proportions (e.g. a real dataset's)")
+    classes: str = _f(
+        "imagenet1k",
+        "imagenet1k, imagenet100, a file of WordNet ids or a YAML/CSV of name+description; ':N' or ':id,id' for a subset",
+    )
+    class_counts: str | None = _f(
+        None, "file of 'class count' lines: sample classes in these proportions (e.g. a real dataset's)"
+    )
     prompt: str = _f("c", "prompt template: c, c_hc, c_dc, c_hc_b, or a format string with {c} {h} {d} {b}")
-    model: str = _f("CompVis/stable-diffusion-v1-4", "diffusers SD 1.x/2.x folder or cached Hugging Face id; 'tiny' or 'sd14-random' for random weights")
+    model: str = _f(
+        "CompVis/stable-diffusion-v1-4",
+        "diffusers SD 1.x/2.x folder or cached Hugging Face id; 'tiny' or 'sd14-random' for random weights",
+    )
     generators: int = _f(1, "generator processes, one per GPU (GPUs 0..N-1), or CPU processes without GPUs")
     trainers: int = _f(1, "trainer processes (DDP ranks), on the GPUs after the generators' (N..N+M-1)")
     out: str = _f("runs", "folder for TensorBoard logs and checkpoints (out/name/version_K)")
@@ -237,7 +251,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def _add_flag(parser, key: str, f: dataclasses.Field, default: Any) -> None:
     # SUPPRESS: only flags the user gave override the YAML; the help still shows the default.
     parser.add_argument(
-        f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=key.split(".")[-1].upper(),
+        f"--{key}",
+        dest=key,
+        default=argparse.SUPPRESS,
+        metavar=key.split(".")[-1].upper(),
         help=f"{f.metadata.get('help', '')} (default: {default})",
     )
 
@@ -262,17 +279,35 @@ def validate(cfg: RunConfig) -> None:
         (cfg.trainers >= 1, f"--trainers must be at least 1 (got {cfg.trainers})"),
         (g.guidance >= 0, f"--generator.guidance must be >= 0 (got {g.guidance}); 7.5 or 2.0 as in the paper"),
         (g.steps >= 1, f"--generator.steps must be at least 1 (got {g.steps})"),
-        (g.resolution >= 8 and g.resolution % 8 == 0, f"--generator.resolution must be a multiple of 8 (got {g.resolution}): the VAE works on 8x8 pixel cells"),
-        (g.scheduler in ("default", "ddim", "dpm++"), f"--generator.scheduler must be default, ddim or dpm++ (got {g.scheduler!r})"),
-        (g.dtype in ("auto", "float16", "bfloat16", "float32"), f"--generator.dtype must be auto, float16, bfloat16 or float32 (got {g.dtype!r})"),
+        (
+            g.resolution >= 8 and g.resolution % 8 == 0,
+            f"--generator.resolution must be a multiple of 8 (got {g.resolution}): the VAE works on 8x8 pixel cells",
+        ),
+        (
+            g.scheduler in ("default", "ddim", "dpm++"),
+            f"--generator.scheduler must be default, ddim or dpm++ (got {g.scheduler!r})",
+        ),
+        (
+            g.dtype in ("auto", "float16", "bfloat16", "float32"),
+            f"--generator.dtype must be auto, float16, bfloat16 or float32 (got {g.dtype!r})",
+        ),
         (g.attention in ("sdpa", "xformers"), f"--generator.attention must be sdpa or xformers (got {g.attention!r})"),
         (g.compile in ("auto", "on", "off"), f"--generator.compile must be auto, on or off (got {g.compile!r})"),
         (g.batch_size >= 1, f"--generator.batch_size must be at least 1 (got {g.batch_size})"),
         (g.max_redraws >= 0, "--generator.max_redraws must be >= 0"),
         (s.batch_size >= 1, f"--stream.batch_size must be at least 1 (got {s.batch_size})"),
-        (s.batch_size % g.batch_size == 0, f"a queue slot holds one trainer batch of {s.batch_size} images, which must be a whole number of generator batches of {g.batch_size}: make --stream.batch_size a multiple of --generator.batch_size"),
-        (s.slots is None or s.slots >= 1, f"--stream.slots must be at least 1 (got {s.slots}): a queue of zero slots cannot carry anything"),
-        (s.resolution >= t.crop or t.crop <= 0, f"--train.crop {t.crop} is larger than the stream images (--stream.resolution {s.resolution})"),
+        (
+            s.batch_size % g.batch_size == 0,
+            f"a queue slot holds one trainer batch of {s.batch_size} images, which must be a whole number of generator batches of {g.batch_size}: make --stream.batch_size a multiple of --generator.batch_size",
+        ),
+        (
+            s.slots is None or s.slots >= 1,
+            f"--stream.slots must be at least 1 (got {s.slots}): a queue of zero slots cannot carry anything",
+        ),
+        (
+            s.resolution >= t.crop or t.crop <= 0,
+            f"--train.crop {t.crop} is larger than the stream images (--stream.resolution {s.resolution})",
+        ),
         (s.resolution >= 8, "--stream.resolution must be at least 8"),
         (s.max_restarts >= 0, "--stream.max_restarts must be >= 0"),
         (t.max_steps >= 1, f"--train.max_steps must be at least 1 (got {t.max_steps})"),

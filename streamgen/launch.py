@@ -77,7 +77,9 @@ def assign_devices(generators: int, trainers: int) -> tuple[list[str], str, list
     if gpus == 0:
         cores = os.cpu_count() or 1
         if trainers > cores:
-            raise UsageError(f"--trainers {trainers}: this machine has no GPU and {cores} CPU cores; use at most {cores}")
+            raise UsageError(
+                f"--trainers {trainers}: this machine has no GPU and {cores} CPU cores; use at most {cores}"
+            )
         return ["cpu"] * generators, "cpu", trainers
     if generators + trainers > gpus:
         raise UsageError(
@@ -132,10 +134,14 @@ def load_resume_cursors(path: str, meta: dict[str, Any]) -> list[UnitCursor]:
         )
     for key, flag in (("seed", "--seed"), ("unit_size", "--stream.batch_size"), ("world", "--trainers")):
         if state[key] != meta[key]:
-            raise UsageError(f"--resume {path}: the checkpoint's stream has {flag} {state[key]}; resume with {flag} {state[key]}")
+            raise UsageError(
+                f"--resume {path}: the checkpoint's stream has {flag} {state[key]}; resume with {flag} {state[key]}"
+            )
     cursors = sorted((UnitCursor.from_state_dict(c) for c in state["cursors"]), key=lambda c: c.rank)
     if [c.rank for c in cursors] != list(range(meta["world"])):
-        raise UsageError(f"--resume {path}: the checkpoint's stream position is incomplete (ranks {[c.rank for c in cursors]})")
+        raise UsageError(
+            f"--resume {path}: the checkpoint's stream position is incomplete (ranks {[c.rank for c in cursors]})"
+        )
     return cursors
 
 
@@ -227,7 +233,9 @@ def _fit(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> None:
         preview_every=t.preview_every,
         consumed_log=run_dir / f"consumed-rank{spec.rank}.tsv",
     )
-    logger = TensorBoardLogger(save_dir=str(run_dir.parent.parent), name=run_dir.parent.name, version=run_dir.name, default_hp_metric=False)
+    logger = TensorBoardLogger(
+        save_dir=str(run_dir.parent.parent), name=run_dir.parent.name, version=run_dir.name, default_hp_metric=False
+    )
     callbacks = [
         StreamMonitor(queue, stats, job.plan, world, t.log_every),
         StepProgressBar(),
@@ -310,17 +318,36 @@ def run(job: Job) -> int:
     log(f"run folder {run_dir}  (watch: tensorboard --logdir {cfg.out})")
     gen_threads, trainer_threads = _threads_per_process(job)
     worker = WorkerSpec(
-        index=0, life=0, device="cpu", threads=gen_threads, model=job.model, cfg=cfg.generator,
-        plan=job.plan, unit_size=cfg.stream.batch_size, out_resolution=cfg.stream.resolution,
+        index=0,
+        life=0,
+        device="cpu",
+        threads=gen_threads,
+        model=job.model,
+        cfg=cfg.generator,
+        plan=job.plan,
+        unit_size=cfg.stream.batch_size,
+        out_resolution=cfg.stream.resolution,
     )
     env = {}
     if cfg.trainers > 1:
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "NODE_RANK": "0", "WORLD_SIZE": str(cfg.trainers)}
+        env = {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+            "NODE_RANK": "0",
+            "WORLD_SIZE": str(cfg.trainers),
+        }
     supervisor = Supervisor(
-        worker, job.generator_devices, job.cursors, job.slots,
-        max_restarts=cfg.stream.max_restarts, restart_backoff=cfg.stream.restart_backoff, log=log,
+        worker,
+        job.generator_devices,
+        job.cursors,
+        job.slots,
+        max_restarts=cfg.stream.max_restarts,
+        restart_backoff=cfg.stream.restart_backoff,
+        log=log,
     )
     previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Explicitly: a shell without job control starts background jobs with SIGINT ignored.
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     trainers: list = []
     status, reason = 1, STOP_REASON
     try:
@@ -329,7 +356,11 @@ def run(job: Job) -> int:
         for rank in range(cfg.trainers):
             rank_env = {**env, "LOCAL_RANK": str(rank)} if cfg.trainers > 1 else {}
             spec = TrainerSpec(rank, job, str(run_dir), trainer_threads, rank_env)
-            p = SPAWN.Process(target=trainer_main, args=(spec, supervisor.queues[rank], supervisor.stats), name=f"streamgen-trainer{rank}")
+            p = SPAWN.Process(
+                target=trainer_main,
+                args=(spec, supervisor.queues[rank], supervisor.stats),
+                name=f"streamgen-trainer{rank}",
+            )
             p.start()
             trainers.append(p)
         status = _supervise(supervisor, trainers)
@@ -347,7 +378,7 @@ def run(job: Job) -> int:
         supervisor.close_queues(reason)  # trainers stop at their next batch
         _join(trainers, 4.0)
         supervisor.shutdown(reason, grace=2.0)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous_sigint)
         signal.signal(signal.SIGTERM, previous_sigterm)
     if status == 0:
         log(f"done: {cfg.train.max_steps} steps; checkpoints in {run_dir / 'checkpoints'}")

@@ -71,9 +71,7 @@ def check_text_to_image_folder(index: Path) -> None:
     try:
         config = json.loads(index.read_text())
     except (OSError, json.JSONDecodeError):
-        raise UsageError(
-            f"{index.parent} is not a diffusers pipeline folder (no readable model_index.json)"
-        ) from None
+        raise UsageError(f"{index.parent} is not a diffusers pipeline folder (no readable model_index.json)") from None
     name = config.get("_class_name")
     missing = [c for c in REQUIRED_COMPONENTS if c not in config]
     if name not in TEXT_TO_IMAGE_CLASSES or missing:

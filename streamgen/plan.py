@@ -195,9 +195,7 @@ class UnitCursor:
 
     def mark(self, k: int) -> None:
         if self.is_done(k):
-            raise RuntimeError(
-                f"rank {self.rank}: unit {rank_unit(self.rank, self.world, k)} was consumed twice"
-            )
+            raise RuntimeError(f"rank {self.rank}: unit {rank_unit(self.rank, self.world, k)} was consumed twice")
         self.done.add(k)
         while self.below in self.done:
             self.done.remove(self.below)

@@ -39,7 +39,13 @@ class QueueStream(IterableDataset):
         while True:
             slot = self.queue.get()
             view = self.queue.view(slot)
-            yield {"image": view.images, "label": view.labels, "id": view.ids, "unit": self.queue.unit(slot), "slot": slot}
+            yield {
+                "image": view.images,
+                "label": view.labels,
+                "id": view.ids,
+                "unit": self.queue.unit(slot),
+                "slot": slot,
+            }
 
 
 class StreamDataModule(L.LightningDataModule):
@@ -84,7 +90,10 @@ class StreamDataModule(L.LightningDataModule):
         # Each rank scores its share (padded by at most world-1 repeated images).
         sampler = DistributedSampler(dataset, self.world, self.rank, shuffle=False) if self.world > 1 else None
         return DataLoader(
-            dataset, batch_size=self.val_batch_size, sampler=sampler, num_workers=self.workers,
+            dataset,
+            batch_size=self.val_batch_size,
+            sampler=sampler,
+            num_workers=self.workers,
             pin_memory=torch.cuda.is_available(),
         )
 

@@ -15,6 +15,7 @@ delivered (its slot still WRITING), so every unit reaches its rank's consumer ex
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import multiprocessing as mp
 import time
@@ -107,7 +108,7 @@ class Supervisor:
 
     def _start(self, g: _Generator) -> None:
         parent, child = SPAWN.Pipe()
-        spec = WorkerSpec(**{**self.spec.__dict__, "index": g.index, "life": g.life, "device": g.device})
+        spec = dataclasses.replace(self.spec, index=g.index, life=g.life, device=g.device)
         g.process = SPAWN.Process(
             target=self.worker, args=(spec, child, self.queues, self.stats), name=f"streamgen-generator{g.index}"
         )

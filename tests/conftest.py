@@ -50,7 +50,9 @@ def tiny_pipe():
     return pipe
 
 
-def write_image_folder(root: Path, keys: list[str], per_class: int = 3, size: tuple[int, int] = (40, 48), seed: int = 0) -> Path:
+def write_image_folder(
+    root: Path, keys: list[str], per_class: int = 3, size: tuple[int, int] = (40, 48), seed: int = 0
+) -> Path:
     """A folder in the ImageNet-val layout: root/<key>/<i>.png, random RGB images."""
     from PIL import Image
 
@@ -135,8 +137,12 @@ class TrainRun:
         self.marker = f"STREAMGEN_TEST_RUN={self.log_path}"
         marker_env = {"STREAMGEN_TEST_RUN": str(self.log_path)}
         self.proc = subprocess.Popen(
-            args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {}), **marker_env}, start_new_session=True,
+            args,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {}), **marker_env},
+            start_new_session=True,
         )
 
     def processes(self) -> list[int]:
@@ -157,7 +163,9 @@ class TrainRun:
         deadline = time.monotonic() + timeout
         while text not in self.output:
             if self.proc.poll() is not None:
-                raise AssertionError(f"train.py exited ({self.proc.returncode}) before {text!r}:\n{self.output[-3000:]}")
+                raise AssertionError(
+                    f"train.py exited ({self.proc.returncode}) before {text!r}:\n{self.output[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {text!r} within {timeout} s:\n{self.output[-3000:]}")
             time.sleep(0.2)

@@ -7,7 +7,6 @@ from conftest import needs_wordnet
 
 from streamgen.classes import (
     imagenet1k_wnids,
-    imagenet100_wnids,
     load_classes,
     shipped_wordnet_table,
     wordnet_info,
@@ -79,7 +78,9 @@ def test_wordnet_ids_outside_imagenet_come_from_nltk(tmp_path):
 
 def test_named_classes_from_yaml_and_csv(tmp_path):
     yaml_path = tmp_path / "c.yaml"
-    yaml_path.write_text("- name: solar panel\n  description: a panel of photovoltaic cells\n- name: heat pump\n  description: a device that moves heat\n")
+    yaml_path.write_text(
+        "- name: solar panel\n  description: a panel of photovoltaic cells\n- name: heat pump\n  description: a device that moves heat\n"
+    )
     classes = load_classes(str(yaml_path))
     assert classes.keys == ["solar panel", "heat pump"]
     assert classes.classes[0].definition == "a panel of photovoltaic cells"

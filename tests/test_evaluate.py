@@ -19,8 +19,11 @@ def checkpoint(tmp_path_factory):
     model = Classifier("resnet18", KEYS)
     path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
     torch.save(
-        {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-         "pytorch-lightning_version": lightning.__version__},
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+        },
         path,
     )
     return path, model.eval()

@@ -45,8 +45,13 @@ def test_equals_the_diffusers_pipeline_within_one_level(tiny_pipe, scheduler, gu
     tiny_pipe.scheduler = type(gen.pipe.scheduler).from_config(gen.pipe.scheduler.config)
     for i, (prompt, seed) in enumerate(zip(PROMPTS, SEEDS)):
         ref = tiny_pipe(
-            prompt, generator=torch.Generator().manual_seed(seed), num_inference_steps=4,
-            guidance_scale=guidance, height=64, width=64, output_type="np",
+            prompt,
+            generator=torch.Generator().manual_seed(seed),
+            num_inference_steps=4,
+            guidance_scale=guidance,
+            height=64,
+            width=64,
+            output_type="np",
         ).images[0]
         ref = torch.from_numpy((ref * 255).round().astype(np.uint8)).permute(2, 0, 1)
         assert (ours[i].int() - ref.int()).abs().max() <= 1, f"sample {i}"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, descendants, memfd_holders, read_consumed, read_scalars, shm_entries, train_cmd
+from conftest import PYTHON, ROOT, descendants, memfd_holders, read_consumed, read_scalars, shm_entries
 
 from streamgen.launch import main
 
@@ -100,7 +100,9 @@ def test_bad_resume_checkpoints(tmp_path, capsys):
     plain = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {}}, plain)
     for path, message in ((junk, "not a readable checkpoint"), (plain, "not a streamgen checkpoint")):
-        code = main(["--config", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path / "runs"), "--resume", str(path)])
+        code = main(
+            ["--config", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path / "runs"), "--resume", str(path)]
+        )
         assert code == 2 and message in capsys.readouterr().err
 
 
@@ -110,7 +112,10 @@ def test_unreadable_config_exits_2_with_one_line(tmp_path):
         [PYTHON, str(ROOT / "train.py"), "--config", str(tmp_path / "nope.yaml")], capture_output=True, text=True
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"train.py: error: cannot read config {tmp_path / 'nope.yaml'}: No such file or directory"
+    assert (
+        result.stderr.strip()
+        == f"train.py: error: cannot read config {tmp_path / 'nope.yaml'}: No such file or directory"
+    )
 
 
 @pytest.mark.slow
@@ -154,7 +159,17 @@ def test_an_exception_in_the_trainer_stops_the_run(train_run, tmp_path):
     key = load_classes("imagenet100:10").keys[0]
     val = write_image_folder(tmp_path / "val", [key], per_class=1)
     (val / key / "corrupt.png").write_bytes(b"this is not a PNG")  # raises in validation
-    run = train_run(*FAST, "--train.max_steps", "1000", "--train.val_dir", str(val), "--train.val_every", "3", "--train.workers", "0")
+    run = train_run(
+        *FAST,
+        "--train.max_steps",
+        "1000",
+        "--train.val_dir",
+        str(val),
+        "--train.val_every",
+        "3",
+        "--train.workers",
+        "0",
+    )
     assert run.wait(180) == 1
     assert "UnidentifiedImageError" in run.output and "trainer rank 0 failed" in run.output
     assert_nothing_left(run, shm_before)
@@ -173,7 +188,13 @@ def _is_trainer(pid: int) -> bool:
 def test_a_generator_that_keeps_failing_stops_the_run_with_its_traceback(train_run):
     shm_before = shm_entries()
     run = train_run(
-        *FAST, "--generators", "1", "--stream.max_restarts", "1", "--stream.restart_backoff", "0.1",
+        *FAST,
+        "--generators",
+        "1",
+        "--stream.max_restarts",
+        "1",
+        "--stream.restart_backoff",
+        "0.1",
         env={"STREAMGEN_INJECT_FAULT": "raise:0:1:99"},
     )
     assert run.wait(180) == 1
@@ -186,7 +207,17 @@ def test_a_generator_that_keeps_failing_stops_the_run_with_its_traceback(train_r
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_resume_continues_the_stream_exactly(train_run, tmp_path):
-    args = (*FAST, "--generators", "1", "--train.max_steps", "40", "--train.checkpoint_every", "10", "--train.log_every", "5")
+    args = (
+        *FAST,
+        "--generators",
+        "1",
+        "--train.max_steps",
+        "40",
+        "--train.checkpoint_every",
+        "10",
+        "--train.log_every",
+        "5",
+    )
     whole = train_run(*args, "--name", "whole")
     assert whole.wait(240) == 0, whole.output[-2000:]
     expected = read_consumed(tmp_path / "runs" / "whole" / "version_0")
@@ -220,7 +251,15 @@ def test_resume_with_another_class_set_is_refused(tmp_path, capsys):
     from streamgen.stream import StreamDataModule
 
     ckpt = tmp_path / "other.ckpt"
-    state = {"format": "streamgen-stream/1", "classes": "0000", "class_spec": "imagenet1k", "seed": 0, "unit_size": 8, "world": 1, "cursors": []}
+    state = {
+        "format": "streamgen-stream/1",
+        "classes": "0000",
+        "class_spec": "imagenet1k",
+        "seed": 0,
+        "unit_size": 8,
+        "world": 1,
+        "cursors": [],
+    }
     torch.save({StreamDataModule.__qualname__: state}, ckpt)
     code = main(["--config", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path / "runs"), "--resume", str(ckpt)])
     assert code == 2 and "another class set (imagenet1k); run with --classes imagenet1k" in capsys.readouterr().err
@@ -242,7 +281,9 @@ def test_a_run_killed_as_a_whole_leaves_nothing_and_the_next_starts(train_run, t
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_trainer_ranks_share_the_stream_without_overlap(train_run, tmp_path):
-    run = train_run(*FAST, "--generators", "2", "--trainers", "2", "--train.max_steps", "12", "--train.checkpoint_every", "6")
+    run = train_run(
+        *FAST, "--generators", "2", "--trainers", "2", "--train.max_steps", "12", "--train.checkpoint_every", "6"
+    )
     assert run.wait(240) == 0, run.output[-3000:]
     folder = run_dir(tmp_path)
     rank0 = [u for _, u in read_consumed(folder, 0)]
@@ -262,7 +303,9 @@ def test_real_images_are_evaluated_while_training(train_run, tmp_path):
     from streamgen.classes import load_classes
 
     val = write_image_folder(tmp_path / "val", load_classes("imagenet100:10").keys[:3], per_class=2)
-    run = train_run(*FAST, "--train.max_steps", "10", "--train.val_dir", str(val), "--train.val_every", "5", "--train.workers", "0")
+    run = train_run(
+        *FAST, "--train.max_steps", "10", "--train.val_dir", str(val), "--train.val_every", "5", "--train.workers", "0"
+    )
     assert run.wait(180) == 0, run.output[-3000:]
     scalars = read_scalars(run_dir(tmp_path))
     assert [step for step, _ in scalars["val/top1"]] == [4, 9]  # after steps 5 and 10

@@ -57,7 +57,9 @@ def test_template_needing_what_a_custom_class_lacks(tmp_path):
 def test_preview_command():
     out = subprocess.run(
         [sys.executable, "-m", "streamgen.prompts", "--classes", "imagenet100", "--template", "c_hc_b", "--n", "5"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
     assert out[0].split("\t") == ["id", "wnid", "label", "seed", "prompt"]
     rows = [line.split("\t") for line in out[1:]]

@@ -22,7 +22,9 @@ def filled_queue(units: list[int]) -> SlotQueue:
 
 
 def data_module(q: SlotQueue, tmp_path, rank: int = 1) -> StreamDataModule:
-    dm = StreamDataModule(q, rank=rank, world=2, run_meta=META, crop=8, preview_every=1, consumed_log=tmp_path / "consumed.tsv")
+    dm = StreamDataModule(
+        q, rank=rank, world=2, run_meta=META, crop=8, preview_every=1, consumed_log=tmp_path / "consumed.tsv"
+    )
     dm.trainer = SimpleNamespace(global_step=7)
     return dm
 

@@ -1,11 +1,9 @@
 """Generators -> queues -> consumers with real processes: exactly once, through crashes."""
 
-import multiprocessing as mp
 import os
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from streamgen.classes import load_classes
@@ -22,8 +20,15 @@ UNIT = 8
 def spec(unit_size: int = UNIT, resolution: int = 8) -> WorkerSpec:
     plan = SamplePlan(load_classes("imagenet100:10"), PromptTemplate.parse("c"), seed=3)
     return WorkerSpec(
-        index=0, life=0, device="cpu", threads=1, model="fake", cfg=GeneratorConfig(batch_size=4),
-        plan=plan, unit_size=unit_size, out_resolution=resolution,
+        index=0,
+        life=0,
+        device="cpu",
+        threads=1,
+        model="fake",
+        cfg=GeneratorConfig(batch_size=4),
+        plan=plan,
+        unit_size=unit_size,
+        out_resolution=resolution,
     )
 
 
