@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,9 +106,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.default_factory)}  # type: ignore[arg-type]
-
-
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -153,8 +149,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def _section_classes() -> dict[str, type]:
-    hints = _hints(RunConfig)
-    return {name: hints[name] for name in SECTIONS}
+    """The nested sections of RunConfig (generator, stream, train) and their dataclasses."""
+    return {name: hint for name, hint in _hints(RunConfig).items() if dataclasses.is_dataclass(hint)}
 
 
 def _flatten(data: dict, source: str) -> dict[str, Any]:
@@ -220,10 +216,6 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
-    return apply(RunConfig(), _flatten(data, source))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -325,8 +317,3 @@ def slots_per_rank(cfg: RunConfig) -> int:
     if cfg.stream.slots is not None:
         return cfg.stream.slots
     return -(-cfg.generators // cfg.trainers) + 2
-
-
-def main_error(prog: str, error: UsageError) -> typing.NoReturn:
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)

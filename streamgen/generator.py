@@ -74,6 +74,7 @@ def to_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as F
 
         images = F.resize(images, [size, size], antialias=True)
+    images = torch.nan_to_num(images, nan=0.0)  # non-finite pixels (fp16 overflow) -> black
     return images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -145,27 +146,47 @@ class DiffusionGenerator:
             bad |= torch.tensor(out.nsfw_content_detected, device=bad.device)
         return images, bad
 
-    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        """uint8 ``[B, 3, R, R]`` on the device, R = the stream resolution; B <= batch_size."""
-        n = len(prompts)
-        pad = self.batch_size - n  # a fixed batch shape keeps the compiled graph
+    def _batch(self, prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images at the stream resolution and their 'bad' mask, both on the device.
+
+        Padded to ``batch_size``: a fixed batch shape keeps the compiled graph."""
+        n, pad = len(prompts), self.batch_size - len(prompts)
         images, bad = self._denoise(prompts + prompts[:1] * pad, list(seeds) + list(seeds[:1]) * pad)
-        images, bad = images[:n], bad[:n]
+        return to_uint8(images[:n], self.out_resolution), bad[:n]
+
+    def generate_into(self, out: torch.Tensor, prompts: list[str], seeds: list[int]) -> None:
+        """Write a unit's images into ``out`` (uint8 ``[N, 3, R, R]``: a pinned queue slot, or
+        device memory), ``batch_size`` at a time. Copies out are asynchronous and bad images are
+        redrawn only after every batch is queued, so the GPU never waits for the host."""
+        bad = []
+        for start in range(0, len(prompts), self.batch_size):
+            stop = start + self.batch_size
+            images, batch_bad = self._batch(prompts[start:stop], seeds[start:stop])
+            out[start:stop].copy_(images, non_blocking=True)
+            bad.append(batch_bad)
+        self._redraw(out, prompts, seeds, torch.cat(bad))
+
+    def _redraw(self, out: torch.Tensor, prompts: list[str], seeds: list[int], bad: torch.Tensor) -> None:
         for attempt in range(1, self.cfg.max_redraws + 1):
-            todo = torch.nonzero(bad).flatten().tolist()  # one host sync per batch, after decoding
+            todo = torch.nonzero(bad).flatten().tolist()  # the one host sync of a unit
             if not todo:
-                break
+                return
             self.redraws += len(todo)
-            redo_prompts = [prompts[i] for i in todo]
-            redo_seeds = [redraw_seed(int(seeds[i]), attempt) for i in todo]
             for start in range(0, len(todo), self.batch_size):
                 idx = todo[start : start + self.batch_size]
-                chunk_p, chunk_s = redo_prompts[start : start + len(idx)], redo_seeds[start : start + len(idx)]
-                pad = self.batch_size - len(idx)
-                new, new_bad = self._denoise(chunk_p + chunk_p[:1] * pad, chunk_s + chunk_s[:1] * pad)
-                images[idx], bad[idx] = new[: len(idx)], new_bad[: len(idx)]
-        images = torch.nan_to_num(images, nan=0.0)  # a sample still bad after max_redraws stays black
-        return to_uint8(images, self.out_resolution)
+                images, again = self._batch(
+                    [prompts[i] for i in idx], [redraw_seed(int(seeds[i]), attempt) for i in idx]
+                )
+                out[idx] = images.to(out.device)
+                bad[idx] = again
+        # a sample still bad after max_redraws stays as it came out (black)
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """uint8 ``[N, 3, R, R]`` on the device, R = the stream resolution."""
+        r = self.out_resolution
+        out = torch.empty(len(prompts), 3, r, r, dtype=torch.uint8, device=self.device)
+        self.generate_into(out, prompts, seeds)
+        return out
 
     def warmup(self) -> None:
         """One full batch: loads kernels, compiles and captures the CUDA graphs."""
@@ -193,6 +214,9 @@ class FakeGenerator:
             low = torch.randint(0, 256, (1, 3, 4, 4), generator=g, dtype=torch.uint8)
             out[i] = torch.nn.functional.interpolate(low.float(), size=(r, r), mode="nearest")[0].to(torch.uint8)
         return out.to(self.device)
+
+    def generate_into(self, out: torch.Tensor, prompts: list[str], seeds: list[int]) -> None:
+        out.copy_(self.generate(prompts, seeds))
 
     def warmup(self) -> None:
         pass
@@ -235,8 +259,8 @@ class GeneratorStats:
 class FaultInjection:
     """A testing hook: ``STREAMGEN_INJECT_FAULT=kind:generator:after_units[:lives]``.
 
-    Generator ``generator`` fails while writing its unit number ``after_units`` (0-based),
-    in its first ``lives`` lives (default 1; restarts count lives). ``kind`` is ``raise`` (an
+    Generator ``generator`` fails while writing its unit number ``after_units`` (0-based:
+    images written, slot not committed), in its first ``lives`` lives (default 1; restarts count lives). ``kind`` is ``raise`` (an
     exception in the loop) or ``kill`` (SIGKILL to itself, mid-batch).
     """
 
@@ -318,12 +342,9 @@ def _serve(spec: WorkerSpec, conn, queues: list[SlotQueue], stats: GeneratorStat
         prompts = spec.plan.prompts(ids, labels)
         seeds = spec.plan.noise_seeds(ids).tolist()
         redraws_before = generator.redraws
-        for start in range(0, spec.unit_size, generator.batch_size):
-            stop = start + generator.batch_size
-            images = generator.generate(prompts[start:stop], seeds[start:stop])
-            view.images[start:stop].copy_(images, non_blocking=True)  # device -> pinned slot
-            if fault is not None:
-                fault.maybe_fail(spec.index, spec.life, units_done)
+        generator.generate_into(view.images, prompts, seeds)  # device -> pinned slot, async
+        if fault is not None:
+            fault.maybe_fail(spec.index, spec.life, units_done)
         view.labels.copy_(torch.from_numpy(labels))
         view.ids.copy_(torch.from_numpy(ids))
         if device.type == "cuda":

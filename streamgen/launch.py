@@ -50,8 +50,7 @@ class Job:
     """A fully checked run: what the launcher needs to start the processes."""
 
     cfg: RunConfig
-    classes: ClassSet
-    plan: SamplePlan
+    plan: SamplePlan  # its .classes is the run's class set
     model: str
     generator_devices: list[str]
     accelerator: str
@@ -160,7 +159,7 @@ def prepare(cfg: RunConfig) -> Job:
         cursors = load_resume_cursors(cfg.resume, meta)
     else:
         cursors = [UnitCursor(r, cfg.trainers) for r in range(cfg.trainers)]
-    return Job(cfg, classes, plan, model, generator_devices, accelerator, trainer_devices, cursors, meta, slots)
+    return Job(cfg, plan, model, generator_devices, accelerator, trainer_devices, cursors, meta, slots)
 
 
 # -- the trainer ranks ----------------------------------------------------------------------
@@ -210,14 +209,14 @@ def _fit(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> None:
     world = cfg.trainers
     model = Classifier(
         arch=t.arch,
-        class_keys=job.classes.keys,
+        class_keys=job.plan.classes.keys,
         lr=t.lr * cfg.stream.batch_size * world / 256,
         momentum=t.momentum,
         weight_decay=t.weight_decay,
         warmup_steps=t.warmup_steps,
         max_steps=t.max_steps,
         label_smoothing=t.label_smoothing,
-        class_fingerprint=job.classes.fingerprint(),
+        class_fingerprint=job.plan.classes.fingerprint(),
     )
     data = StreamDataModule(
         queue,
@@ -226,7 +225,7 @@ def _fit(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> None:
         run_meta=job.run_meta,
         crop=t.crop,
         min_scale=t.min_scale,
-        class_keys=job.classes.keys,
+        class_keys=job.plan.classes.keys,
         val_dir=t.val_dir,
         val_batch_size=t.val_batch_size,
         workers=t.workers,

@@ -57,6 +57,7 @@ class PromptTemplate:
 
     name: str
     text: str
+    fields: frozenset[str]  # the placeholders it uses
 
     @classmethod
     def parse(cls, spec: str) -> PromptTemplate:
@@ -78,11 +79,7 @@ class PromptTemplate:
                     f"prompt template {text!r} has unknown placeholder {{{field}}}: "
                     f"use {', '.join('{' + p + '}' for p in PLACEHOLDERS)}"
                 )
-        return cls(name=spec if spec in TEMPLATES else "custom", text=text)
-
-    @property
-    def fields(self) -> set[str]:
-        return {f for _, f, _, _ in string.Formatter().parse(self.text) if f is not None}
+        return cls(name=spec if spec in TEMPLATES else "custom", text=text, fields=frozenset(fields))
 
     @property
     def uses_background(self) -> bool:

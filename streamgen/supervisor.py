@@ -20,7 +20,7 @@ import heapq
 import multiprocessing as mp
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 from streamgen.generator import GeneratorStats, WorkerSpec, worker_main
@@ -63,7 +63,6 @@ class _Generator:
     failures: int = 0
     restart_at: float | None = None
     last_error: str = ""
-    started: float = field(default_factory=time.monotonic)
 
 
 class Supervisor:
@@ -114,7 +113,7 @@ class Supervisor:
         )
         g.process.start()
         child.close()
-        g.conn, g.ready, g.job, g.restart_at, g.started = parent, False, None, None, time.monotonic()
+        g.conn, g.ready, g.job, g.restart_at = parent, False, None, None
 
     def close_queues(self, reason: str) -> None:
         """Consumers raise `StreamClosed(reason)` at their next wait (first reason wins)."""
