@@ -8,6 +8,10 @@ trainers, nodes or the batch size.
 - Class balance: each block of C consecutive ids holds every class exactly once, in an order
   drawn from (seed, block). With per-class counts (to mirror a real dataset's imbalance) a
   block holds class c exactly ``counts[c]`` times.
+- Scenes: the paper renders every (class, scene) pair, so a class's samples walk through the
+  365 Places scenes in a seeded cycle: the j-th sample of class c gets scene
+  ``perm(seed, c, j // 365)[j % 365]``. Every class meets every scene once before any scene
+  repeats for it, and 1x ImageNet-100 (1300 per class) covers every pair.
 - Randomness is a counter-based hash (splitmix64) of (seed, stream, id), so it is stable across
   numpy/torch versions and can be evaluated for any id without replaying a generator.
 
@@ -20,6 +24,7 @@ which of a rank's units have been consumed, for exact resume.
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +33,8 @@ import numpy as np
 
 from streamgen.classes import ClassSet
 from streamgen.errors import UsageError
-from streamgen.prompts import PromptTemplate, places365_scenes
+from streamgen.prompts import PromptTemplate
+from streamgen.scenes import places365_scenes
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -59,9 +65,26 @@ def redraw_seed(seed: int, attempt: int) -> int:
     return int(hash_ids(_REDRAW, seed, attempt)[0] & np.uint64(SEED_MASK))
 
 
+def count_images_per_class(root: Path) -> dict[str, int]:
+    """Images in each class sub-folder of an ImageFolder tree (e.g. the real ImageNet train set)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    counts = {}
+    for entry in os.scandir(root):
+        if entry.is_dir():
+            counts[entry.name] = sum(
+                1 for f in os.scandir(entry.path) if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS)
+            )
+    return counts
+
+
 def load_class_counts(path: str | Path, classes: ClassSet) -> np.ndarray:
-    """Per-class sample counts from a ``key count`` text or CSV file (one class per line)."""
+    """Per-class sample counts: from a ``key count`` text or CSV file (one class per line), or
+    counted in a real dataset's ImageFolder tree (one sub-folder of images per class key)."""
     path = Path(path)
+    if path.is_dir():
+        counts = count_images_per_class(path)
+        return _counts_for(classes, counts, f"class counts folder {path}")
     try:
         text = path.read_text()
     except OSError as e:
@@ -75,12 +98,17 @@ def load_class_counts(path: str | Path, classes: ClassSet) -> np.ndarray:
         if len(row) != 2 or not row[1].isdigit():
             raise UsageError(f"{path}:{lineno}: expected 'class count', got {' '.join(row)!r}")
         counts[row[0]] = int(row[1])
+    return _counts_for(classes, counts, f"class counts file {path}")
+
+
+def _counts_for(classes: ClassSet, counts: dict[str, int], source: str) -> np.ndarray:
     missing = [k for k in classes.keys if k not in counts]
     if missing:
-        raise UsageError(f"class counts file {path} has no count for {missing[0]} (and {len(missing) - 1} more)")
+        raise UsageError(f"{source} has no count for {missing[0]} (and {len(missing) - 1} more)")
     result = np.array([counts[k] for k in classes.keys], dtype=np.int64)
     if (result <= 0).any():
-        raise UsageError(f"class counts file {path}: every class needs a count >= 1")
+        empty = classes.keys[int(np.flatnonzero(result <= 0)[0])]
+        raise UsageError(f"{source}: every class needs a count >= 1 ({empty} has none)")
     return result
 
 
@@ -109,40 +137,74 @@ class SamplePlan:
         self.seed = int(seed)
         counts = np.ones(len(classes), dtype=np.int64) if counts is None else np.asarray(counts)
         # A block is the multiset of labels (class c repeated counts[c] times) in a seeded order.
+        self._counts = counts.astype(np.int64)
         self._pool = np.repeat(np.arange(len(classes), dtype=np.int64), counts)
-        self._block_cache: dict[int, np.ndarray] = {}
+        self._block_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._scene_cycles: dict[tuple[int, int], np.ndarray] = {}
 
     @property
     def block_size(self) -> int:
         return len(self._pool)
 
-    def _block_order(self, block: int) -> np.ndarray:
-        order = self._block_cache.get(block)
-        if order is None:
+    def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """A block's labels by position, and each position's rank among its class in the block."""
+        cached = self._block_cache.get(block)
+        if cached is None:
             keys = hash_ids(_CLASS_ORDER, self.seed, block, np.arange(self.block_size))
             order = self._pool[np.argsort(keys, kind="stable")]
+            by_class = np.argsort(order, kind="stable")
+            first_of_class = np.searchsorted(order[by_class], order[by_class], side="left")
+            rank = np.empty_like(order)
+            rank[by_class] = np.arange(len(order)) - first_of_class
             if len(self._block_cache) >= 4:  # generators walk blocks forward: keep a few
                 self._block_cache.pop(next(iter(self._block_cache)))
-            self._block_cache[block] = order
-        return order
+            cached = self._block_cache[block] = (order, rank)
+        return cached
+
+    def _block_order(self, block: int) -> np.ndarray:
+        return self._block(block)[0]
 
     def labels(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        return self._labels_and_occurrences(ids)[0]
+
+    def _labels_and_occurrences(self, ids: Iterable[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each id's label, and how many earlier ids have that label (its occurrence index)."""
         ids = np.asarray(ids, dtype=np.int64)
         blocks, positions = np.divmod(ids, self.block_size)
-        out = np.empty(ids.shape, dtype=np.int64)
+        labels = np.empty(ids.shape, dtype=np.int64)
+        occurrences = np.empty(ids.shape, dtype=np.int64)
         for block in np.unique(blocks):
             mask = blocks == block
-            out[mask] = self._block_order(int(block))[positions[mask]]
-        return out
+            order, rank = self._block(int(block))
+            labels[mask] = order[positions[mask]]
+            occurrences[mask] = block * self._counts[labels[mask]] + rank[positions[mask]]
+        return labels, occurrences
 
     def noise_seeds(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         return (hash_ids(_NOISE, self.seed, ids) & np.uint64(SEED_MASK)).astype(np.int64)
 
     def scenes(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
-        """Index into `places365_scenes()` of each sample's background."""
-        ids = np.asarray(ids, dtype=np.int64)
-        return (hash_ids(_SCENE, self.seed, ids) % np.uint64(len(places365_scenes()))).astype(np.int64)
+        """Index into `places365_scenes()` of each sample's background (see the module docstring)."""
+        labels, occurrences = self._labels_and_occurrences(ids)
+        n_scenes = len(places365_scenes())
+        cycles, positions = np.divmod(occurrences, n_scenes)
+        out = np.empty(labels.shape, dtype=np.int64)
+        for label, cycle in {(int(a), int(b)) for a, b in zip(labels.tolist(), cycles.tolist())}:
+            mask = (labels == label) & (cycles == cycle)
+            out[mask] = self._scene_cycle(label, cycle)[positions[mask]]
+        return out
+
+    def _scene_cycle(self, label: int, cycle: int) -> np.ndarray:
+        """A seeded permutation of the scenes: class ``label``'s ``cycle``-th walk through them."""
+        perm = self._scene_cycles.get((label, cycle))
+        if perm is None:
+            n_scenes = len(places365_scenes())
+            perm = np.argsort(hash_ids(_SCENE, self.seed, label, cycle, np.arange(n_scenes)), kind="stable")
+            if len(self._scene_cycles) >= 4096:
+                self._scene_cycles.pop(next(iter(self._scene_cycles)))
+            self._scene_cycles[label, cycle] = perm
+        return perm
 
     def prompts(self, ids: Iterable[int] | np.ndarray, labels: np.ndarray | None = None) -> list[str]:
         ids = np.asarray(ids, dtype=np.int64)

@@ -9,8 +9,8 @@ scene drawn per sample. The paper's families are named templates:
     c_dc    "{c}, {d}"              papillon, small slender toy spaniel with erect ears and ...
     c_hc_b  "{c}, {h} inside {b}"   papillon, toy spaniel inside hockey arena
 
-Scenes are made readable by one rule: underscores become spaces and a ``category/sub`` pair
-reads ``sub category`` ("arena/hockey" -> "hockey arena", "field/wild" -> "wild field").
+Scenes (`streamgen.scenes`) read as English: "arena/hockey" -> "hockey arena", "elevator/door"
+-> "elevator door".
 
 Preview the prompts of a plan (id, WordNet id, label, prompt):
 
@@ -23,11 +23,10 @@ import argparse
 import string
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 
 from streamgen.classes import ClassInfo, ClassSet
 from streamgen.errors import EXIT_USAGE, UsageError
+from streamgen.scenes import places365_scenes, readable_scene  # noqa: F401  (re-exported)
 
 TEMPLATES = {
     "c": "{c}",
@@ -36,19 +35,6 @@ TEMPLATES = {
     "c_hc_b": "{c}, {h} inside {b}",
 }
 PLACEHOLDERS = {"c": "lemmas", "h": "hypernyms", "d": "definition", "b": "background scene"}
-
-
-def readable_scene(category: str) -> str:
-    """``"arena/hockey"`` -> ``"hockey arena"``; ``"airport_terminal"`` -> ``"airport terminal"``."""
-    parts = category.strip("/").split("/")
-    return " ".join(reversed(parts)).replace("_", " ")
-
-
-@lru_cache(maxsize=1)
-def places365_scenes() -> tuple[str, ...]:
-    """The 365 Places scenes, readable, in Places365 class-index order."""
-    text = resources.files("streamgen.data").joinpath("places365_categories.txt").read_text()
-    return tuple(readable_scene(line) for line in text.split())
 
 
 @dataclass(frozen=True)

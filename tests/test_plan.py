@@ -108,3 +108,44 @@ def test_cursor_marks_each_unit_once_and_resumes_the_rest():
     restored = UnitCursor.from_state_dict(cursor.state_dict())
     pending = restored.pending()
     assert [next(pending) for _ in range(4)] == [2, 5, 6, 7]
+
+
+@pytest.mark.parametrize("counts", [None, "weighted"])
+def test_every_class_meets_every_scene_once_per_cycle(counts):
+    """The paper renders every (class, scene) pair: one cycle gives each class all 365 scenes once."""
+    classes = load_classes("imagenet100:12")
+    weights = None if counts is None else np.arange(1, len(classes) + 1)
+    plan = SamplePlan(classes, PromptTemplate.parse("c_hc_b"), seed=5, counts=weights)
+    per_class = plan.block_size // len(classes) if weights is None else weights
+    ids = np.arange(365 * plan.block_size)  # exactly 365 x counts[c] samples of each class c
+    labels, scenes = plan.labels(ids), plan.scenes(ids)
+    for label in range(len(classes)):
+        mine = scenes[labels == label]
+        times = per_class if weights is None else int(weights[label])
+        assert np.array_equal(np.bincount(mine, minlength=365), np.full(365, times))
+        first = mine[:365]  # before any scene repeats, the first 365 samples meet them all
+        assert len(set(first.tolist())) == 365
+
+
+def test_scenes_do_not_depend_on_how_ids_are_batched(classes):
+    plan = SamplePlan(classes, PromptTemplate.parse("c_hc_b"), seed=2)
+    ids = np.arange(5000)
+    whole = plan.scenes(ids)
+    other = SamplePlan(classes, PromptTemplate.parse("c_hc_b"), seed=2)  # a fresh process's view
+    pieces = np.concatenate([other.scenes(chunk) for chunk in np.array_split(ids[::-1], 37)])[::-1]
+    assert np.array_equal(whole, pieces)
+    assert not np.array_equal(whole, SamplePlan(classes, PromptTemplate.parse("c_hc_b"), seed=3).scenes(ids))
+
+
+def test_class_counts_from_a_real_imagefolder_tree(classes, tmp_path):
+    root = tmp_path / "train"
+    for i, key in enumerate(classes.keys):
+        (root / key).mkdir(parents=True)
+        for j in range(i + 1):
+            (root / key / f"{j}.JPEG").write_bytes(b"")  # counted by name: files are not opened
+        (root / key / "notes.txt").write_text("not an image")
+    counts = load_class_counts(root, classes)
+    assert counts.tolist() == list(range(1, len(classes) + 1))
+    (root / classes.keys[0] / "0.JPEG").unlink()
+    with pytest.raises(UsageError, match=f"{classes.keys[0]} has none"):
+        load_class_counts(root, classes)
