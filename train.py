@@ -9,7 +9,10 @@ Every config key is also a flag (``python train.py --help``). See README.md.
 
 import sys
 
-from streamgen.launch import main
-
 if __name__ == "__main__":  # spawned processes import this file: start nothing at import
+    try:
+        from streamgen.launch import main  # seconds (torch): a Ctrl-C here is no traceback either
+    except KeyboardInterrupt:
+        print("train.py: interrupted while starting; nothing was started", file=sys.stderr)
+        sys.exit(130)
     sys.exit(main())

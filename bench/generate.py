@@ -14,20 +14,14 @@ decode 2.54 TFLOP. Without the real weights, ``--model sd14-random`` has the sam
 so the same cost.
 """
 
-import os
-import sys
+import argparse
+import time
 
-# bench/ holds queue.py: keep the folder off sys.path, or it shadows the standard `queue`.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import torch
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from streamgen.config import GeneratorConfig  # noqa: E402
-from streamgen.generator import DiffusionGenerator, resolve_dtype  # noqa: E402
-from streamgen.pipeline import load_pipeline, resolve_model, sd14_shapes  # noqa: E402
+from streamgen.config import GeneratorConfig
+from streamgen.generator import DiffusionGenerator, resolve_dtype
+from streamgen.pipeline import load_pipeline, resolve_model, sd14_shapes
 
 PROMPTS = ["papillon, toy spaniel inside hockey arena", "tabby, tabby cat, domestic cat inside kitchen"]
 

@@ -8,19 +8,30 @@ folder, no CUDA context (GPUs are counted through NVML).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import importlib.util
+import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from streamgen.benchmarks import check_folder
+from streamgen.cache.checks import check_cache_run
+from streamgen.cache.layout import CacheSpec
 from streamgen.classes import ClassSet, load_classes
-from streamgen.config import RunConfig, slots_per_rank
+from streamgen.config import RunConfig, TrainConfig, slots_per_rank
 from streamgen.errors import UsageError
 from streamgen.generator import FAKE, check_attention
+from streamgen.nodes import DEFAULT_PORT, Placement, resolve_placement
 from streamgen.pipeline import resolve_model
 from streamgen.plan import SamplePlan, UnitCursor, load_class_counts
+from streamgen.probe import check_probe_arch
 from streamgen.prompts import PromptTemplate
 from streamgen.queue import slot_nbytes
+from streamgen.transfer import check_probes
 
 
 @dataclass
@@ -36,6 +47,19 @@ class Job:
     cursors: list[UnitCursor]
     run_meta: dict[str, Any]
     slots: int
+    placement: Placement = Placement(1, 0, "127.0.0.1", DEFAULT_PORT, "single")  # this node's place in the run
+    cache: CacheSpec | None = None  # --source cache: the checked cache (layout, fingerprint, complete?)
+    steps_per_epoch: int | None = None  # --source cache: batches per rank per epoch; None for the stream
+
+    @property
+    def world(self) -> int:
+        """Trainer ranks over all nodes: the DDP world, and the stride of each rank's units."""
+        return self.placement.nodes * self.cfg.trainers
+
+    @property
+    def first_rank(self) -> int:
+        """Global rank of this node's local trainer 0."""
+        return self.placement.node_rank * self.cfg.trainers
 
 
 def cuda_device_count() -> int:
@@ -76,15 +100,137 @@ def check_memory(needed: int) -> None:
         )
 
 
-def run_meta(cfg: RunConfig, classes: ClassSet) -> dict[str, Any]:
+def run_meta(cfg: RunConfig, classes: ClassSet, nodes: int = 1) -> dict[str, Any]:
     """What a checkpoint must share with a run to resume it."""
     return {
         "classes": classes.fingerprint(),
         "class_spec": classes.spec,
         "seed": cfg.seed,
         "unit_size": cfg.stream.batch_size,
-        "world": cfg.trainers,
+        "world": cfg.trainers * nodes,
     }
+
+
+# Lightning's accepted precisions (lightning.fabric.plugins.precision.precision._PRECISION_INPUT),
+# spelled out so that the launcher need not import Lightning to check one (tests/test_checks.py
+# compares them), plus streamgen's 'auto'.
+PRECISIONS = (
+    "auto",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "16-true",
+    "16-mixed",
+    "bf16-true",
+    "bf16-mixed",
+    "32-true",
+    "64-true",
+    "64",
+    "32",
+    "16",
+    "bf16",
+)
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise UsageError(
+            f"--train.precision {precision!r} is not a Lightning precision: use auto, bf16-mixed, 16-mixed or 32-true "
+            f"(all: {', '.join(PRECISIONS)})"
+        )
+    if precision.startswith("transformer-engine") and importlib.util.find_spec("transformer_engine") is None:
+        raise UsageError(f"--train.precision {precision} needs NVIDIA's transformer_engine package, not installed here")
+
+
+def check_arch(arch: str) -> None:
+    """A torchvision classification model (built from scratch by `streamgen.model`)."""
+    import torchvision.models
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(
+            f"--train.arch {arch!r} is not a torchvision classification model{hint}; "
+            "see torchvision.models.list_models(module=torchvision.models)"
+        )
+
+
+def check_recipe(train: TrainConfig, accelerator: str) -> None:
+    """The training recipe fits the network and the devices (the values alone: config.validate)."""
+    if train.sync_batchnorm and accelerator != "gpu":
+        raise UsageError("--train.sync_batchnorm needs GPUs (torch's SyncBatchNorm does not run on CPU): leave it off")
+    if train.head != "linear":
+        import torch
+
+        from streamgen.model import build_network, classifier_path
+
+        with torch.device("meta"):  # the layer structure only, no memory
+            network = build_network(train.arch, 2)
+        try:
+            classifier_path(network)
+        except ValueError:
+            raise UsageError(
+                f"--train.head {train.head} replaces the final linear layer, and --train.arch {train.arch} has none: "
+                "use --train.head linear or another arch"
+            ) from None
+
+
+_COMPONENT_FILES = {"scheduler": "scheduler_config.json", "tokenizer": None}  # default: config.json
+
+
+def check_model_components(folder: str) -> None:
+    """Each component the pipeline's model_index.json names has its sub-folder with its config
+    (a half-finished download holds model_index.json alone, and fails minutes later)."""
+    root = Path(folder)
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return  # resolve_model has judged the index itself
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue  # metadata, or an optional component left out (safety_checker: null)
+        sub = root / name
+        wanted = _COMPONENT_FILES.get(name, "config.json")
+        if not sub.is_dir() or (wanted and not (sub / wanted).is_file()) or not any(sub.iterdir()):
+            what = f"{name}/{wanted}" if wanted else f"{name}/"
+            raise UsageError(
+                f"model folder {root} has no {what}: the download looks incomplete; download the whole "
+                "pipeline again (huggingface-cli download ORG/NAME)"
+            )
+
+
+def check_run_folder(out: str, name: str) -> None:
+    """``--out/--name`` can be created and written; checked without creating anything there."""
+    target = Path(out) / name
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder; choose another --out")
+    try:  # access() says yes to root on read-only or virtual filesystems (/proc): try for real
+        os.rmdir(tempfile.mkdtemp(prefix=".streamgen-write-test-", dir=existing))
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create folders in {existing} ({e.strerror}); choose another --out") from None
+
+
+def check_resume_model(path: str, train: TrainConfig) -> None:
+    """The checkpoint's network is the one this run builds (its hyper-parameters say which)."""
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(e).__name__})") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict):
+        return
+    for key in ("arch", "head"):
+        saved, wanted = hparams.get(key), getattr(train, key, None)
+        if saved is not None and wanted is not None and saved != wanted:
+            raise UsageError(
+                f"--resume {path}: the checkpoint's network has --train.{key} {saved}, this run's {wanted}; "
+                f"resume with --train.{key} {saved}"
+            )
 
 
 def load_resume_cursors(path: str, meta: dict[str, Any]) -> list[UnitCursor]:
@@ -106,7 +252,12 @@ def load_resume_cursors(path: str, meta: dict[str, Any]) -> list[UnitCursor]:
             f"--resume {path}: the checkpoint was trained on another class set ({state['class_spec']}); "
             f"run with --classes {state['class_spec']}"
         )
-    for key, flag in (("seed", "--seed"), ("unit_size", "--stream.batch_size"), ("world", "--trainers")):
+    if state["world"] != meta["world"]:
+        raise UsageError(
+            f"--resume {path}: the checkpoint's stream has {state['world']} trainer ranks in all (nodes x --trainers), "
+            f"this run {meta['world']}; resume with the same --trainers and number of nodes"
+        )
+    for key, flag in (("seed", "--seed"), ("unit_size", "--stream.batch_size")):
         if state[key] != meta[key]:
             raise UsageError(
                 f"--resume {path}: the checkpoint's stream has {flag} {state[key]}; resume with {flag} {state[key]}"
@@ -121,17 +272,36 @@ def load_resume_cursors(path: str, meta: dict[str, Any]) -> list[UnitCursor]:
 
 def prepare(cfg: RunConfig) -> Job:
     """Every check that can fail on user input; raises UsageError, starts nothing."""
+    placement = resolve_placement(cfg.dist)
+    check_run_folder(cfg.out, cfg.name)
+    check_precision(cfg.train.precision)
+    check_arch(cfg.train.arch)
     classes = load_classes(cfg.classes)
     counts = load_class_counts(cfg.class_counts, classes) if cfg.class_counts else None
     plan = SamplePlan(classes, PromptTemplate.parse(cfg.prompt), cfg.seed, counts)
+    if cfg.train.val_dir:  # exists, has a known layout and images of the run's classes
+        check_folder(cfg.train.val_dir, classes.keys, "--train.val_dir")
+    if cfg.train.probes:  # every NAME=ROOT read as its dataset is released; the arch has the pooled features
+        check_probes(cfg.train.probes)
+        check_probe_arch(cfg.train.arch)
     model = cfg.model if cfg.model == FAKE else resolve_model(cfg.model)
+    if Path(model).is_dir():
+        check_model_components(model)
     check_attention(cfg.generator.attention)
     generator_devices, accelerator, trainer_devices = assign_devices(cfg.generators, cfg.trainers)
+    check_recipe(cfg.train, accelerator)
     slots = slots_per_rank(cfg)
     check_memory(cfg.trainers * slots * slot_nbytes(cfg.stream.batch_size, cfg.stream.resolution))
-    meta = run_meta(cfg, classes)
-    if cfg.resume:
-        cursors = load_resume_cursors(cfg.resume, meta)
+    meta = run_meta(cfg, classes, placement.nodes)
+    world, first = meta["world"], placement.node_rank * cfg.trainers
+    cache, steps_per_epoch = None, None
+    if cfg.source == "cache":  # its checkpoints hold a cache position, not stream cursors
+        cache, steps_per_epoch, meta = check_cache_run(cfg, classes, counts, meta, world)
+    if cfg.resume and cache is None:
+        cursors = load_resume_cursors(cfg.resume, meta)[first : first + cfg.trainers]  # this node's ranks
     else:
-        cursors = [UnitCursor(r, cfg.trainers) for r in range(cfg.trainers)]
-    return Job(cfg, plan, model, generator_devices, accelerator, trainer_devices, cursors, meta, slots)
+        cursors = [UnitCursor(first + r, world) for r in range(cfg.trainers)]
+    if cfg.resume:
+        check_resume_model(cfg.resume, cfg.train)
+    job = Job(cfg, plan, model, generator_devices, accelerator, trainer_devices, cursors, meta, slots, placement)
+    return dataclasses.replace(job, cache=cache, steps_per_epoch=steps_per_epoch)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -125,9 +126,19 @@ def wordnet_classes(wnids: list[str]) -> list[ClassInfo]:
     return [table[w] if w in table else wordnet_info(w) for w in wnids]
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A user's text file, or a one-line UsageError (unreadable, a folder, binary)."""
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {path} is not a text file (it is not UTF-8)") from None
+
+
 def _read_wnid_file(path: Path) -> list[str]:
     wnids = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text_file(path, "class file").splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -139,16 +150,21 @@ def _read_wnid_file(path: Path) -> list[str]:
 
 def _read_named_file(path: Path) -> list[ClassInfo]:
     """Classes without WordNet entries: ``name`` and ``description`` from YAML or CSV."""
+    text = read_text_file(path, "class file")
     try:
-        if path.suffix == ".csv":
-            with path.open(newline="") as f:
-                rows = list(csv.DictReader(f))
+        if path.suffix == ".csv":  # strict: an unterminated quote is an error, not a class name
+            rows = list(csv.DictReader(io.StringIO(text, newline=""), strict=True))
         else:
-            rows = yaml.safe_load(path.read_text())
+            rows = yaml.safe_load(text)
             if isinstance(rows, dict):
                 rows = rows.get("classes")
-    except (yaml.YAMLError, csv.Error, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: cannot parse the class file ({e})") from None
+    except csv.Error as e:
+        raise UsageError(f"{path}: cannot parse the class file as CSV ({e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{path}{where}: the class file is not valid YAML ({problem})") from None
     if not isinstance(rows, list):
         raise UsageError(f"{path}: expected a list of classes with 'name' and 'description'")
     classes = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +54,31 @@ class StreamConfig:
     resolution: int = _f(256, "side of the images in the queue; generators resize to it on their device")
     batch_size: int = _f(256, "images per trainer step on each rank: one queue slot, one 'unit' of sample ids")
     slots: int | None = _f(None, "queue slots per trainer rank (default: generators/trainers + 2)")
-    max_restarts: int = _f(3, "restarts of one generator before the run stops with its error")
+    max_restarts: int = _f(
+        3,
+        "restarts of one generator within restart_window seconds; one that fails more often is retired (the run "
+        "goes on with the others, and stops with a checkpoint when none is left)",
+    )
     restart_backoff: float = _f(2.0, "seconds before the first restart of a failed generator; doubles each time")
+    restart_window: float = _f(
+        3600.0, "seconds over which max_restarts counts: older failures are forgiven (a multi-day run meets a few)"
+    )
+    hang_timeout: float | None = _f(
+        None,
+        "seconds a generator may deliver nothing before it is killed and restarted (its unit is made again); "
+        "default: 10x its median time per unit, at least 60 s",
+    )
+    startup_timeout: float = _f(
+        1800.0,
+        "seconds a generator (or trainer rank) may take to start: loading the model, compiling (minutes on GPU), "
+        "and its first unit",
+    )
+    order: str = _f(
+        "increasing",
+        "the order a rank consumes its units: 'increasing' (reproducible: two runs feed the same samples at the "
+        "same steps; a rank may wait for a late unit) or 'arrival' (whichever is ready first; never waits)",
+        choices=("increasing", "arrival"),
+    )
 
 
 @dataclass
@@ -61,12 +86,38 @@ class TrainConfig:
     arch: str = _f("resnet50", "torchvision classification model, trained from scratch")
     max_steps: int = _f(100000, "trainer steps; each consumes stream.batch_size new images per rank")
     crop: int = _f(224, "training crop (RandomResizedCrop from the stream images)")
-    min_scale: float = _f(0.08, "smallest crop area of RandomResizedCrop")
+    min_scale: float = _f(0.08, "smallest crop area of RandomResizedCrop (--train.augment single)")
+    augment: str = _f(
+        "single",
+        "'single' (one RandomResizedCrop + flip per image) or 'multicrop' (the paper's recipe, t-ReX's: global and "
+        "local crops, colour jitter, grayscale, blur, solarisation; every parameter drawn per image on the device)",
+        choices=("single", "multicrop"),
+    )
+    global_crops: int = _f(1, "multicrop: global crops per image (train.crop px)")
+    local_crops: int = _f(8, "multicrop: local crops per image (train.local_crop px); 0 for none")
+    global_scale: str = _f("0.25,1.0", "multicrop: 'min,max' area fraction of the stream image in a global crop")
+    local_scale: str = _f("0.05,0.25", "multicrop: 'min,max' area fraction of the stream image in a local crop")
+    local_crop: int | None = _f(None, "multicrop: local crop side in px (default: 3/7 of train.crop, 96 at 224)")
+    head: str = _f(
+        "linear",
+        "'linear' (the network's own fc) or 'trex' (t-ReX: MLP projector 3x2048 + BN + GELU, 256-d bottleneck, "
+        "cosine classifier at temperature 0.1); evaluation and probes always read the pooled backbone features",
+        choices=("linear", "trex"),
+    )
+    sync_batchnorm: bool = _f(
+        False, "SyncBatchNorm across trainer ranks (t-ReX does; costs one all-reduce per BN layer)"
+    )
     lr: float = _f(0.1, "SGD learning rate per 256 images of global batch (scaled linearly)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(1e-4, "weight decay")
-    warmup_steps: int = _f(2500, "linear warm-up steps before the cosine decay")
-    label_smoothing: float = _f(0.1, "cross-entropy label smoothing")
+    warmup_steps: int = _f(2500, "linear warm-up steps before the cosine decay (to min_lr at max_steps)")
+    warmup_epochs: int | None = _f(
+        None, "--source cache: warm-up in epochs over the cache (t-ReX: 10 of 100); replaces warmup_steps"
+    )
+    min_lr: float = _f(1e-6, "learning rate at the end of the cosine decay (t-ReX: 1e-6)")
+    label_smoothing: float = _f(
+        0.0, "cross-entropy label smoothing (0, as t-ReX: smoothing hurts the transferability of the features)"
+    )
     precision: str = _f("auto", "Lightning precision: auto (bf16-mixed on GPU, 32-true on CPU) or e.g. 16-mixed")
     log_every: int = _f(50, "steps between TensorBoard scalars")
     preview_every: int = _f(500, "steps between image grids of generated samples (0: never)")
@@ -78,7 +129,69 @@ class TrainConfig:
     val_every: int = _f(5000, "steps between evaluations on val_dir")
     val_batch_size: int = _f(256, "batch size of the evaluation on val_dir")
     workers: int = _f(4, "data-loading workers for val_dir")
+    probes: str | None = _f(
+        None,
+        "linear probes while training (the paper's Tab. 2 protocol): NAME=ROOT[,NAME=ROOT], NAME one of aircraft, "
+        "cars, dtd, eurosat, flowers, pets, food, sun397, inat2018, inat2019 or folder-X (ROOT/train + ROOT/test)",
+    )
+    probe_every: int = _f(5000, "steps between linear probes (each extracts features and fits; logs probe/*)")
+    probe_subset: int | None = _f(
+        None, "at most this many images per class of each probe split (the same ones every time): quicker probes"
+    )
     threads: int = _f(0, "CPU threads per trainer (0: the cores shared among all processes)")
+    stop_grace: float = _f(
+        120.0,
+        "seconds the trainers get, after Ctrl-C or SIGTERM (a cluster's pre-emption notice), to finish their step "
+        "and write last.ckpt before they are killed; set it below the cluster's kill delay. A second Ctrl-C stops "
+        "at once",
+    )
+    hang_timeout: float = _f(
+        1800.0,
+        "seconds a trainer rank may make no progress (no step, validation batch or checkpoint, and not waiting "
+        "for data) before the run stops: generous, one validation pass or checkpoint must fit in it",
+    )
+    budget_gpu_hours: float | None = _f(
+        None,
+        "stop when the run's compute reaches this many GPU-hours (device-hours held by generators and trainers, "
+        "plus a cache's build), checkpoint written: compare a cache and a stream run at equal compute",
+    )
+    epochs: int | None = _f(
+        None, "--source cache: epochs over the cache's images; sets max_steps (default: max_steps decides)"
+    )
+
+
+@dataclass
+class CacheConfig:
+    images: int | None = _f(
+        None, "images in the fixed cache (--source cache): sample ids 0..N-1, rounded up to whole stream batches"
+    )
+    scale: float | None = _f(
+        None, "cache size as a multiple of the class set's real training-set size (the paper: 1, 10, 20, 50)"
+    )
+    dir: str | None = _f(None, "folder of the cache on local disk (built on first use, reused by later runs)")
+    format: str = _f("raw", "shard format: 'raw' (lossless uint8, memory-mapped); export for PNG or WebDataset")
+    shard_units: int = _f(4, "stream batches (units) per shard file: a killed build redoes at most the open shards")
+
+
+@dataclass
+class DistConfig:
+    nodes: int | None = _f(
+        None,
+        "machines in the run, each running train.py with the same config and its own --generators/--trainers "
+        "(default: SLURM_NNODES or torchrun's WORLD_SIZE, else 1)",
+    )
+    node_rank: int | None = _f(None, "this machine's index 0..nodes-1 (default: SLURM_NODEID or NODE_RANK)")
+    master_addr: str | None = _f(
+        None, "address of node 0, reachable from every node (default: MASTER_ADDR, or the first SLURM node)"
+    )
+    master_port: int | None = _f(
+        None, "port of node 0 for the trainers' DDP group; the launchers use the next port (default: MASTER_PORT or 29500)"
+    )
+    timeout: float = _f(
+        120.0,
+        "seconds before a lost node stops the others: the DDP collective timeout and the launchers' heartbeat "
+        "(torch's default is 30 minutes; keep it well above one training step)",
+    )
 
 
 @dataclass
@@ -89,7 +202,9 @@ class RunConfig:
         "imagenet1k, imagenet100, a file of WordNet ids or a YAML/CSV of name+description; ':N' or ':id,id' for a subset",
     )
     class_counts: str | None = _f(
-        None, "file of 'class count' lines: sample classes in these proportions (e.g. a real dataset's)"
+        None,
+        "sample classes in these proportions: a file of 'class count' lines, or a real dataset's ImageFolder "
+        "train tree (images are counted per class folder), e.g. /data/imagenet/train for ImageNet's imbalance",
     )
     prompt: str = _f("c", "prompt template: c, c_hc, c_dc, c_hc_b, or a format string with {c} {h} {d} {b}")
     model: str = _f(
@@ -101,9 +216,14 @@ class RunConfig:
     out: str = _f("runs", "folder for TensorBoard logs and checkpoints (out/name/version_K)")
     name: str = _f("streamgen", "run name")
     resume: str | None = _f(None, "checkpoint to resume from: the stream continues where it stopped")
+    source: str = _f(
+        "stream", "'stream' (every image new, seen once) or 'cache' (epochs over a fixed set of --cache.images)"
+    )
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -133,10 +253,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if str(value).lower() in ("false", "0", "no", "off"):
             return False
     elif typ is int and not isinstance(value, bool):
+        try:  # exactly, digit by digit: a float holds only 53 bits (seeds have 63)
+            return int(value) if isinstance(value, int) else int(str(value).strip())
+        except ValueError:
+            pass
         try:
             if float(value) == int(float(value)):
                 return int(float(value))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: inf
             pass
     elif typ is float and not isinstance(value, bool):
         try:
@@ -194,7 +318,11 @@ def apply(cfg: RunConfig, flat: dict[str, Any]) -> RunConfig:
         *path, leaf = key.split(".")
         for part in path:
             target = getattr(target, part)
-        setattr(target, leaf, _coerce(value, types[key], key))
+        value = _coerce(value, types[key], key)
+        choices = next(f for f in dataclasses.fields(target) if f.name == leaf).metadata.get("choices")
+        if choices and value not in choices:
+            raise UsageError(f"--{key} must be {' or '.join(choices)} (got {value!r})")
+        setattr(target, leaf, value)
     return cfg
 
 
@@ -203,6 +331,8 @@ def read_yaml(path: str) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as e:
         raise UsageError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config {path} is not a text file (it is not UTF-8): give a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -218,53 +348,93 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-class _Parser(argparse.ArgumentParser):
+class CliParser(argparse.ArgumentParser):
+    """The entry points' parser (train.py, eval.py, ...): errors are one line and exit 2, an
+    unknown flag gets the closest known one suggested, and flags are never abbreviated."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> typing.NoReturn:  # one line, exit 2
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            token = unknown[0]
+            if token.startswith("-"):
+                self.error(f"unknown flag {token}{self._closest(token)}")
+            self.error(f"unexpected argument {token!r}: every setting is a --flag VALUE pair")
+        return parsed
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description)
+    def _closest(self, token: str) -> str:
+        flags = [o for a in self._actions for o in a.option_strings]
+        close = difflib.get_close_matches(token.split("=", 1)[0], flags, n=1, cutoff=0.6)
+        return f" (did you mean {close[0]}?)" if close else " (see --help)"
+
+
+def build_parser(
+    prog: str, description: str, defaults: RunConfig | None = None, config_path: str | None = None
+) -> argparse.ArgumentParser:
+    """One flag per config key; the help shows ``defaults`` (what ``--config`` resolves to)."""
+    usage = "%(prog)s [--config FILE] [--KEY VALUE ...]  (every config key is a flag; see below)"
+    parser = CliParser(prog=prog, description=description, usage=usage)
     parser.add_argument("--config", help="YAML file of config keys (see configs/); flags below override it")
-    defaults = RunConfig()
+    defaults = defaults if defaults is not None else RunConfig()
+    plain = RunConfig()
+    origin = f", from {Path(config_path).name}" if config_path else ""
     sections = _section_classes()
     for name, hint in _hints(RunConfig).items():
         if name in sections:
             group = parser.add_argument_group(f"{name} (--{name}.KEY)")
-            sub_defaults = getattr(defaults, name)
             for f in dataclasses.fields(sections[name]):
-                _add_flag(group, f"{name}.{f.name}", f, getattr(sub_defaults, f.name))
+                value, base = getattr(getattr(defaults, name), f.name), getattr(getattr(plain, name), f.name)
+                _add_flag(group, f"{name}.{f.name}", f, value, origin if value != base else "")
         else:
             f = next(x for x in dataclasses.fields(RunConfig) if x.name == name)
-            _add_flag(parser, name, f, getattr(defaults, name))
+            value = getattr(defaults, name)
+            _add_flag(parser, name, f, value, origin if value != getattr(plain, name) else "")
     return parser
 
 
-def _add_flag(parser, key: str, f: dataclasses.Field, default: Any) -> None:
+def _add_flag(parser, key: str, f: dataclasses.Field, default: Any, origin: str = "") -> None:
     # SUPPRESS: only flags the user gave override the YAML; the help still shows the default.
+    is_bool = _base_type(f.type if not isinstance(f.type, str) else _hints_of_field(key))[0] is bool
+    choices = f.metadata.get("choices")
     parser.add_argument(
         f"--{key}",
         dest=key,
         default=argparse.SUPPRESS,
-        metavar=key.split(".")[-1].upper(),
-        help=f"{f.metadata.get('help', '')} (default: {default})",
+        metavar="{true,false}" if is_bool else ("{" + ",".join(choices) + "}" if choices else key.split(".")[-1].upper()),
+        nargs="?" if is_bool else None,
+        const="true" if is_bool else None,  # a bare boolean flag turns it on
+        help=f"{f.metadata.get('help', '')} (default: {default}{origin})",
     )
+
+
+def _hints_of_field(key: str) -> Any:
+    return config_keys()[key]
 
 
 def parse_config(argv: list[str] | None, prog: str = "train.py", description: str = "") -> RunConfig:
     """Parse flags (and the YAML they name) into a validated RunConfig or exit 2 with one line."""
-    parser = build_parser(prog, description)
-    args = vars(parser.parse_args(argv))
-    config_path = args.pop("config", None)
-    flat = _flatten(read_yaml(config_path), config_path) if config_path else {}
-    flat.update(args)
-    cfg = apply(RunConfig(), flat)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    config_path = pre.parse_known_args(argv)[0].config
+    from_yaml = _flatten(read_yaml(config_path), config_path) if config_path else {}
+    # The help shows what this --config resolves to, so build the parser on those defaults.
+    parser = build_parser(prog, description, apply(RunConfig(), dict(from_yaml)), config_path)
+    flags = vars(parser.parse_args(argv))
+    flags.pop("config", None)
+    cfg = apply(RunConfig(), {**from_yaml, **flags})
     validate(cfg)
     return cfg
 
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need nothing but the values themselves."""
+    _validate_numbers(cfg)
     g, s, t = cfg.generator, cfg.stream, cfg.train
     checks = [
         (cfg.generators >= 1, f"--generators must be at least 1 (got {cfg.generators})"),
@@ -289,7 +459,7 @@ def validate(cfg: RunConfig) -> None:
         (g.max_redraws >= 0, "--generator.max_redraws must be >= 0"),
         (s.batch_size >= 1, f"--stream.batch_size must be at least 1 (got {s.batch_size})"),
         (
-            s.batch_size % g.batch_size == 0,
+            g.batch_size >= 1 and s.batch_size % g.batch_size == 0,
             f"a queue slot holds one trainer batch of {s.batch_size} images, which must be a whole number of generator batches of {g.batch_size}: make --stream.batch_size a multiple of --generator.batch_size",
         ),
         (
@@ -302,11 +472,127 @@ def validate(cfg: RunConfig) -> None:
         ),
         (s.resolution >= 8, "--stream.resolution must be at least 8"),
         (s.max_restarts >= 0, "--stream.max_restarts must be >= 0"),
+        (s.restart_window > 0, f"--stream.restart_window must be > 0 seconds (got {s.restart_window:g})"),
+        (
+            s.hang_timeout is None or s.hang_timeout > 0,
+            f"--stream.hang_timeout must be > 0 seconds, or null to derive it (got {s.hang_timeout})",
+        ),
+        (s.startup_timeout > 0, f"--stream.startup_timeout must be > 0 seconds (got {s.startup_timeout:g})"),
+        (t.hang_timeout > 0, f"--train.hang_timeout must be > 0 seconds (got {t.hang_timeout:g})"),
         (t.max_steps >= 1, f"--train.max_steps must be at least 1 (got {t.max_steps})"),
         (t.checkpoint_every >= 1, "--train.checkpoint_every must be at least 1"),
+        (t.probe_every >= 1, f"--train.probe_every must be at least 1 step (got {t.probe_every})"),
+        (
+            t.probe_subset is None or t.probe_subset >= 2,
+            f"--train.probe_subset must be at least 2 images per class (got {t.probe_subset}): the probe "
+            "validates on a per-class split",
+        ),
         (0 < t.min_scale <= 1, "--train.min_scale must be in (0, 1]"),
         (cfg.seed >= 0, "--seed must be >= 0"),
+        (
+            t.budget_gpu_hours is None or t.budget_gpu_hours > 0,
+            f"--train.budget_gpu_hours must be > 0 (got {t.budget_gpu_hours}); leave it unset for no budget",
+        ),
+        (cfg.source in ("stream", "cache"), f"--source must be stream or cache (got {cfg.source!r})"),
+        (cfg.cache.format == "raw", f"--cache.format must be raw (got {cfg.cache.format!r}); export writes PNG or WebDataset"),
+        (cfg.cache.shard_units >= 1, f"--cache.shard_units must be at least 1 (got {cfg.cache.shard_units})"),
+        (t.epochs is None or t.epochs >= 1, f"--train.epochs must be at least 1 (got {t.epochs})"),
     ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    _validate_recipe(cfg)
+    _validate_training(cfg)
+
+
+SEED_LIMIT = 2**63  # seeds are hashed as 64-bit integers and stored in int64 checkpoints
+
+
+def _validate_numbers(cfg: RunConfig) -> None:
+    """Every number a config holds is finite and >= 0 (no key has a meaning below 0)."""
+    for key in config_keys():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            raise UsageError(f"--{key} must be a finite number (got {value})")
+        if value < 0:
+            raise UsageError(f"--{key} must be >= 0 (got {value:g})")
+
+
+def _validate_training(cfg: RunConfig) -> None:
+    """The trainer's own settings: steps between events, optimiser ranges, run folder name."""
+    t = cfg.train
+    name = cfg.name
+    checks = [
+        (cfg.seed < SEED_LIMIT, f"--seed must be below 2**63 (got {cfg.seed}): seeds are 64-bit integers"),
+        (t.crop >= 8, f"--train.crop must be at least 8 px (got {t.crop})"),
+        (t.log_every >= 1, f"--train.log_every must be at least 1 step (got {t.log_every})"),
+        (t.val_every >= 1, f"--train.val_every must be at least 1 step (got {t.val_every})"),
+        (t.val_batch_size >= 1, f"--train.val_batch_size must be at least 1 (got {t.val_batch_size})"),
+        (t.keep_checkpoints >= 1, f"--train.keep_checkpoints must be at least 1 (got {t.keep_checkpoints})"),
+        (t.lr > 0, f"--train.lr must be > 0 (got {t.lr:g}); the paper's recipe uses 0.1 per 256 images"),
+        (t.momentum < 1, f"--train.momentum must be in [0, 1) (got {t.momentum:g})"),
+        (t.label_smoothing < 1, f"--train.label_smoothing must be in [0, 1) (got {t.label_smoothing:g})"),
+        (
+            name not in ("", ".", "..") and "/" not in name and "\\" not in name,
+            f"--name {name!r} must be a plain folder name (no '/', not '..'): runs are written under --out",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def parse_range(text: str, key: str) -> tuple[float, float]:
+    """``"0.25,1.0"`` -> ``(0.25, 1.0)``, or a UsageError naming ``key``."""
+    try:
+        low, high = (float(part) for part in str(text).split(","))
+    except ValueError:
+        raise UsageError(f"--{key} must be two numbers 'min,max' like '0.25,1.0' (got {text!r})") from None
+    if not (0 < low <= high <= 1):
+        raise UsageError(f"--{key} {text!r} must satisfy 0 < min <= max <= 1: area fractions of the stream image")
+    return low, high
+
+
+def local_crop_size(t: TrainConfig) -> int:
+    """The local crop side: as configured, or 3/7 of the global crop (96 px at 224)."""
+    return t.local_crop if t.local_crop is not None else max(1, round(t.crop * 3 / 7))
+
+
+def _validate_recipe(cfg: RunConfig) -> None:
+    """The training recipe: augmentation, crops, head and schedule."""
+    s, t = cfg.stream, cfg.train
+    checks = [
+        (t.augment in ("single", "multicrop"), f"--train.augment must be single or multicrop (got {t.augment!r})"),
+        (t.head in ("linear", "trex"), f"--train.head must be linear or trex (got {t.head!r})"),
+        (t.crop >= 1, f"--train.crop must be at least 1 px (got {t.crop})"),
+        (t.min_lr >= 0, f"--train.min_lr must be >= 0 (got {t.min_lr:g})"),
+        (t.warmup_steps >= 0, f"--train.warmup_steps must be >= 0 (got {t.warmup_steps})"),
+        (
+            t.warmup_epochs is None or t.warmup_epochs >= 0,
+            f"--train.warmup_epochs must be >= 0 (got {t.warmup_epochs})",
+        ),
+        (
+            t.warmup_epochs is None or cfg.source == "cache",
+            "--train.warmup_epochs needs --source cache (a stream has no epochs): use --train.warmup_steps",
+        ),
+    ]
+    if t.augment == "multicrop":
+        local = local_crop_size(t)
+        checks += [
+            (t.global_crops >= 1, f"--train.global_crops must be at least 1 (got {t.global_crops})"),
+            (t.local_crops >= 0, f"--train.local_crops must be >= 0 (got {t.local_crops}); 0 for no local crops"),
+            (
+                local <= s.resolution,
+                f"--train.local_crop {local} is larger than the stream images (--stream.resolution {s.resolution})",
+            ),
+            (local >= 1, f"--train.local_crop must be at least 1 px (got {local})"),
+        ]
+        parse_range(t.global_scale, "train.global_scale")
+        parse_range(t.local_scale, "train.local_scale")
     for ok, message in checks:
         if not ok:
             raise UsageError(message)

@@ -259,13 +259,15 @@ class GeneratorStats:
 class FaultInjection:
     """A testing hook: ``STREAMGEN_INJECT_FAULT=kind:generator:after_units[:lives]``.
 
-    Generator ``generator`` fails while writing its unit number ``after_units`` (0-based:
-    images written, slot not committed), in its first ``lives`` lives (default 1; restarts count lives). ``kind`` is ``raise`` (an
-    exception in the loop) or ``kill`` (SIGKILL to itself, mid-batch).
+    Generator ``generator`` (``*``: every generator) fails while writing its unit number
+    ``after_units`` (0-based: images written, slot not committed), in its first ``lives`` lives
+    (default 1; restarts count lives). ``kind`` is ``raise`` (an exception in the loop),
+    ``kill`` (SIGKILL to itself, mid-batch) or ``stop`` (SIGSTOP to itself: a hang, as a
+    wedged CUDA context behaves, for the watchdog to find).
     """
 
     kind: str
-    generator: int
+    generator: int | None  # None: every generator
     after_units: int
     lives: int = 1
 
@@ -275,13 +277,17 @@ class FaultInjection:
         if not spec:
             return None
         kind, generator, after, *lives = spec.split(":")
-        return cls(kind, int(generator), int(after), int(lives[0]) if lives else 1)
+        which = None if generator == "*" else int(generator)
+        return cls(kind, which, int(after), int(lives[0]) if lives else 1)
 
     def maybe_fail(self, generator: int, life: int, units_done: int) -> None:
-        if generator != self.generator or life >= self.lives or units_done != self.after_units:
+        if self.generator not in (None, generator) or life >= self.lives or units_done != self.after_units:
             return
         if self.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return  # continued (SIGCONT) instead of killed: carry on as if nothing happened
         raise RuntimeError(f"injected fault in generator {generator} (life {life}, unit {units_done})")
 
 

@@ -89,8 +89,14 @@ def load_class_counts(path: str | Path, classes: ClassSet) -> np.ndarray:
         text = path.read_text()
     except OSError as e:
         raise UsageError(f"class counts file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"class counts file {path} is not a text file (it is not UTF-8)") from None
     counts: dict[str, int] = {}
-    rows = csv.reader(text.splitlines(), delimiter="," if path.suffix == ".csv" else " ", skipinitialspace=True)
+    delimiter = "," if path.suffix == ".csv" else " "
+    try:  # strict: an unterminated quote is an error, not a class name
+        rows = list(csv.reader(text.splitlines(), delimiter=delimiter, skipinitialspace=True, strict=True))
+    except csv.Error as e:
+        raise UsageError(f"class counts file {path}: cannot parse it ({e})") from None
     for lineno, row in enumerate(rows, 1):
         row = [r for r in row if r]
         if not row or row[0].startswith("#"):

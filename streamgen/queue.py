@@ -8,6 +8,9 @@ process can die holding one:
     FREE --claim (supervisor)--> WRITING --commit (its generator)--> FILLED
     FILLED --get (the rank's consumer)--> READING --release (the consumer)--> FREE
 
+The consumer takes the units in increasing order by default (`get` with the unit it expects
+next), or in arrival order.
+
 The supervisor is the only process that claims slots, so it always knows which unit a dead
 generator was writing and where (`reclaim`). Waiting uses `Doorbell`s (pipes): a full queue
 leaves generators blocked on their job pipe and an empty one leaves the consumer blocked on its
@@ -273,14 +276,24 @@ class SlotQueue:
 
     # -- the consumer's side ----------------------------------------------------------------
 
-    def get(self, poll: float = 1.0, alive: Callable[[], None] | None = None) -> int:
-        """Take the filled slot with the lowest unit (FILLED -> READING), waiting if none.
+    def get(self, poll: float = 1.0, alive: Callable[[], None] | None = None, unit: int | None = None) -> int:
+        """Take a filled slot (FILLED -> READING), waiting until there is one to take.
+
+        With ``unit``: the slot holding that unit, waiting for it even while later units are
+        filled (in-order consumption: two runs then consume the same units at the same steps).
+        This cannot deadlock when the supervisor dispatches a rank's units in increasing order
+        (`RankLedger`): every unit below ``unit`` is consumed, so ``unit`` was dispatched before
+        any filled one and holds a slot of its own, or its generator died, its slot was
+        reclaimed, and the supervisor's next claim on this queue is for ``unit`` again.
+        Without ``unit``: the filled slot with the lowest unit (arrival order, no waiting).
 
         Raises `StreamClosed` once the queue is closed, `OwnerDied` if the launcher is gone,
         or whatever ``alive()`` raises; both are checked at least every ``poll`` seconds.
         """
         while True:
             filled = np.flatnonzero(self._header[:, _STATE] == FILLED)
+            if unit is not None:
+                filled = filled[self._header[filled, _UNIT] == unit]
             if len(filled):
                 slot = int(filled[np.argmin(self._header[filled, _UNIT])])
                 self._header[slot, _STATE] = READING

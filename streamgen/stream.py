@@ -9,35 +9,59 @@ The data module also keeps the stream's position: a `UnitCursor` of the units th
 handed to the model. It is saved in every checkpoint (all ranks' cursors, gathered) and
 restored on resume, so a resumed run consumes every unit exactly once. Each consumed unit is
 also appended to ``consumed-rank{r}.tsv`` in the run folder (step, unit): an audit trail.
+
+The hand-off itself (augmentation, preview, audit file, validation loader) is
+`streamgen.source.SourceDataModule`'s, shared with the cache; this module adds only where
+batches come from (the queue) and when a slot may be reused.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import lightning as L
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
-from streamgen.augment import eval_transform, train_augment
-from streamgen.plan import UnitCursor
+from streamgen.plan import UnitCursor, rank_unit
 from streamgen.queue import SlotQueue
-from streamgen.realdata import labelled_image_folder
+from streamgen.source import SourceDataModule
 
 STATE_FORMAT = "streamgen-stream/1"
 
 
 class QueueStream(IterableDataset):
-    """Endless batches from one queue: ``{"image", "label", "id", "unit", "slot"}``."""
+    """Endless batches from one queue: ``{"image", "label", "id", "unit", "slot"}``.
 
-    def __init__(self, queue: SlotQueue) -> None:
-        self.queue = queue
+    ``expected`` (called when iteration starts) gives the units in the order to consume them;
+    without it, units are taken as they arrive. ``wait_seconds`` adds up the time spent
+    blocked on the queue: the trainer's starvation, which the dashboard shows.
+    """
+
+    def __init__(self, queue: SlotQueue, expected: Callable[[], Iterator[int]] | None = None) -> None:
+        self.queue, self.expected = queue, expected
+        self.wait_seconds = 0.0
+        self.stop_requested: Callable[[], bool] | None = None  # the run's stop word, read while waiting
 
     def __iter__(self):
+        units = self.expected() if self.expected is not None else None
+        yielded = False
         while True:
-            slot = self.queue.get()
+            started = time.perf_counter()
+            try:
+                slot = self.queue.get(unit=None if units is None else next(units), alive=self._check_stop)
+            except _StopWaiting:
+                # A stop was requested while waiting for data (no generator may deliver again).
+                # Lightning holds the batch fetched before this one: ending here lets that step
+                # run, on every rank, and the run stops and saves after it. With no batch yet,
+                # nothing was trained and there is nothing to save.
+                if yielded:
+                    return
+                raise StopRequested("stopped before the first step: nothing to save") from None
+            self.wait_seconds += time.perf_counter() - started
+            yielded = True
             view = self.queue.view(slot)
             yield {
                 "image": view.images,
@@ -47,8 +71,24 @@ class QueueStream(IterableDataset):
                 "slot": slot,
             }
 
+    def _check_stop(self) -> None:
+        if self.stop_requested is not None and self.stop_requested():
+            raise _StopWaiting()
 
-class StreamDataModule(L.LightningDataModule):
+
+class _StopWaiting(Exception):
+    pass
+
+
+class StopRequested(RuntimeError):
+    """A stop was requested before this rank trained a single step."""
+
+
+class StreamDataModule(SourceDataModule):
+    """One rank's queue as a source; the hand-off (augmentation, preview, audit) is the base's."""
+
+    shares_memory = True  # on a CPU, batches are views of queue slots that generators reuse
+
     def __init__(
         self,
         queue: SlotQueue,
@@ -56,65 +96,33 @@ class StreamDataModule(L.LightningDataModule):
         world: int,
         run_meta: dict[str, Any],
         crop: int,
-        min_scale: float = 0.08,
-        class_keys: list[str] | None = None,
-        val_dir: str | None = None,
-        val_batch_size: int = 256,
-        workers: int = 4,
-        preview_every: int = 0,
-        consumed_log: Path | None = None,
+        order: str = "increasing",
+        stop_requested: Callable[[], bool] | None = None,
+        **kw: Any,
     ) -> None:
-        super().__init__()
-        self.queue, self.rank, self.world = queue, rank, world
-        self.run_meta = run_meta  # what a checkpoint must match to be resumed: classes, seed, ...
-        self.crop, self.min_scale = crop, min_scale
-        self.class_keys, self.val_dir = class_keys or [], val_dir
-        self.val_batch_size, self.workers = val_batch_size, workers
-        self.preview_every = preview_every
+        super().__init__(rank, world, run_meta, crop, **kw)
+        self.queue, self.order, self.stop_requested = queue, order, stop_requested
         self.cursor = UnitCursor(rank, world)
-        self.consumed_log = consumed_log
-        self._log_file = None
+        self.stream: QueueStream | None = None  # its wait_seconds: the trainer's starvation
         self._in_flight: list[tuple[int, torch.cuda.Event]] = []
 
-    # -- loaders ----------------------------------------------------------------------------
+    def _expected_units(self) -> Iterator[int]:
+        """This rank's units not yet consumed, in increasing order (read when iteration starts,
+        so after a resumed checkpoint has restored the cursor)."""
+        return (rank_unit(self.rank, self.world, k) for k in self.cursor.pending())
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: the queue already yields whole batches; no workers: the slots
         # live in this process's memory map.
-        return DataLoader(QueueStream(self.queue), batch_size=None, num_workers=0)
+        self.stream = QueueStream(self.queue, self._expected_units if self.order == "increasing" else None)
+        self.stream.stop_requested = self.stop_requested
+        return DataLoader(self.stream, batch_size=None, num_workers=0)
 
-    def val_dataloader(self) -> DataLoader | list:
-        if not self.val_dir:
-            return []
-        dataset = labelled_image_folder(self.val_dir, self.class_keys, eval_transform(self.crop), ignore_extra=True)
-        # Each rank scores its share (padded by at most world-1 repeated images).
-        sampler = DistributedSampler(dataset, self.world, self.rank, shuffle=False) if self.world > 1 else None
-        return DataLoader(
-            dataset,
-            batch_size=self.val_batch_size,
-            sampler=sampler,
-            num_workers=self.workers,
-            pin_memory=torch.cuda.is_available(),
-        )
+    def is_train_batch(self, batch: Any) -> bool:
+        return isinstance(batch, dict) and "slot" in batch
 
-    # -- the hand-off to the model ----------------------------------------------------------
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if not (isinstance(batch, dict) and "slot" in batch):
-            return batch  # a validation batch
-        images, slot, unit = batch["image"], batch["slot"], batch["unit"]
-        on_slot_memory = images.device.type == "cpu"  # no device copy was made
-        out = {
-            "image": train_augment(images, self.crop, self.min_scale),
-            "label": batch["label"].clone() if on_slot_memory else batch["label"],
-            "id": batch["id"].clone() if on_slot_memory else batch["id"],
-            "unit": unit,
-        }
-        if self.preview_every and self.trainer.global_step % self.preview_every == 0:
-            out["preview"] = images[:16].clone()
-        self._release_when_copied(slot, images.device)
-        self._mark_consumed(unit)
-        return out
+    def _after_hand_off(self, batch: dict[str, Any], device: torch.device) -> None:
+        self._release_when_copied(batch["slot"], device)
 
     def _release_when_copied(self, slot: int, device: torch.device) -> None:
         if device.type == "cuda":
@@ -131,21 +139,17 @@ class StreamDataModule(L.LightningDataModule):
                 still.append((s, e))
         self._in_flight = still
 
-    def _mark_consumed(self, unit: int) -> None:
+    def _mark_consumed(self, batch: dict[str, Any]) -> None:
+        unit = batch["unit"]
         self.cursor.mark((unit - self.rank) // self.world)
-        if self.consumed_log is not None:
-            if self._log_file is None:
-                self._log_file = open(self.consumed_log, "a", buffering=1)
-            self._log_file.write(f"{self.trainer.global_step}\t{unit}\n")
+        self._audit(f"{self.trainer.global_step}\t{unit}")
 
     def teardown(self, stage: str) -> None:
         for slot, event in self._in_flight:
             event.synchronize()
             self.queue.release(slot)
         self._in_flight = []
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        super().teardown(stage)
 
     # -- the stream position in checkpoints ---------------------------------------------------
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from streamgen.checks import Job
-from streamgen.config import to_dict
+from streamgen.control import StopControl
 from streamgen.generator import GeneratorStats
+from streamgen.heartbeat import Pulse
+from streamgen.nodes import OUTER_LAUNCHER_ENV
 from streamgen.queue import OwnerDied, SlotQueue, StreamClosed, avoid_named_semaphores
 
 STOP_REASON = "stopping: the run was interrupted"
@@ -24,18 +25,37 @@ STOP_REASON = "stopping: the run was interrupted"
 
 @dataclass(frozen=True)
 class TrainerSpec:
-    rank: int
+    rank: int  # global rank over all nodes
     job: Job
     run_dir: str
     threads: int
     env: dict[str, str]
+    control: StopControl | None = None  # the launcher's stop request: stop after this step and save
+    pulse: Pulse | None = None  # this rank's heartbeat, read by the launcher's trainer watchdog
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """An error from the process group after another rank has gone (stopped, failed, killed)."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    markers = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    return isinstance(error, RuntimeError) and any(m in text for m in markers)
 
 
 def trainer_main(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> None:
     """One trainer rank (a spawned process): Lightning fit on this rank's queue."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns shutdown
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns shutdown: it turns
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # Ctrl-C and SIGTERM into a stop request
     avoid_named_semaphores()
+    for name in OUTER_LAUNCHER_ENV:  # torchrun's / SLURM's view of the launcher, not of this rank
+        os.environ.pop(name, None)
     os.environ.update(spec.env)
+    from streamgen.checkpoint import CheckpointWriteError
+    from streamgen.stream import StopRequested
+
     try:
         _fit(spec, queue, stats)
     except StreamClosed as e:
@@ -44,6 +64,17 @@ def trainer_main(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> 
             raise SystemExit(1) from None
     except OwnerDied as e:
         print(f"\nstreamgen: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except StopRequested:
+        pass  # stopped before its first step: nothing to save
+    except CheckpointWriteError as e:
+        print(f"\nstreamgen: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as e:
+        if spec.job.world == 1 or not _lost_peer(e):
+            raise
+        # Another rank stopped or failed first (it said why); this one's collective broke.
+        print(f"streamgen: trainer rank {spec.rank} stopped: another rank left the group", file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -55,13 +86,11 @@ def _fit(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> None:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     torch.set_float32_matmul_precision("high")
-    L.seed_everything(cfg.seed + spec.rank, verbose=False)
+    L.seed_everything((cfg.seed + spec.rank) % 2**32, verbose=False)  # numpy's seeds are 32-bit
     model = build_model(spec)
     data = build_datamodule(spec, queue)
     logger = build_logger(spec)
     trainer = build_trainer(spec, logger, build_callbacks(spec, queue, stats))
-    if trainer.is_global_zero:
-        logger.experiment.add_text("config", f"```yaml\n{yaml.safe_dump(to_dict(cfg), sort_keys=False)}```", 0)
     trainer.fit(model, datamodule=data, ckpt_path=cfg.resume)
 
 
@@ -73,57 +102,78 @@ def build_model(spec: TrainerSpec):
     return Classifier(
         arch=t.arch,
         class_keys=job.plan.classes.keys,
-        lr=t.lr * cfg.stream.batch_size * cfg.trainers / 256,
+        lr=t.lr * cfg.stream.batch_size * job.world / 256,
         momentum=t.momentum,
         weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps,
+        # Cache runs may give the warm-up in epochs (config.validate allows it only there).
+        warmup_steps=t.warmup_steps if t.warmup_epochs is None else t.warmup_epochs * job.steps_per_epoch,
         max_steps=t.max_steps,
         label_smoothing=t.label_smoothing,
         class_fingerprint=job.plan.classes.fingerprint(),
+        head=t.head,
+        min_lr=t.min_lr,
     )
 
 
-def build_datamodule(spec: TrainerSpec, queue: SlotQueue):
-    """The source of training batches (the one place where stream or cache is chosen)."""
-    from streamgen.stream import StreamDataModule
+def build_datamodule(spec: TrainerSpec, queue: SlotQueue | None):
+    """The source of training batches: stream or cache, chosen by `streamgen.source`."""
+    from streamgen.augment import build_augment
+    from streamgen.source import make_datamodule
 
-    job, t = spec.job, spec.job.cfg.train
-    return StreamDataModule(
-        queue,
-        rank=spec.rank,
-        world=spec.job.cfg.trainers,
-        run_meta=job.run_meta,
-        crop=t.crop,
-        min_scale=t.min_scale,
-        class_keys=job.plan.classes.keys,
-        val_dir=t.val_dir,
-        val_batch_size=t.val_batch_size,
-        workers=t.workers,
-        preview_every=t.preview_every,
-        consumed_log=Path(spec.run_dir) / f"consumed-rank{spec.rank}.tsv",
-    )
+    data = make_datamodule(spec.job, spec.rank, spec.run_dir, queue, _while_waiting(spec))
+    data.augment = build_augment(spec.job.cfg.train)  # --train.augment: single crop or multi-crop
+    return data
+
+
+def _while_waiting(spec: TrainerSpec) -> Callable[[], bool] | None:
+    """What the stream calls about once a second while the rank waits for data: it beats (waiting
+    is not a hang, for the trainer watchdog) and answers whether a stop was requested."""
+    if spec.control is None and spec.pulse is None:
+        return None
+
+    def stop_requested() -> bool:
+        if spec.pulse is not None:
+            spec.pulse.beat(waiting=True)
+        return spec.control is not None and spec.control.requested
+
+    return stop_requested
 
 
 def build_logger(spec: TrainerSpec):
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from streamgen.callbacks import StreamLogger
 
     run_dir = Path(spec.run_dir)
-    return TensorBoardLogger(
+    return StreamLogger(
         save_dir=str(run_dir.parent.parent), name=run_dir.parent.name, version=run_dir.name, default_hp_metric=False
     )
 
 
 def build_callbacks(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> list:
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LambdaCallback
 
-    from streamgen.callbacks import StepProgressBar, StreamMonitor
+    from streamgen.callbacks import StepProgressBar, StreamMonitor, gpu_devices
+    from streamgen.checkpoint import StopAndSave, StreamCheckpoint
+    from streamgen.compute import ComputeMonitor
 
     job, t = spec.job, spec.job.cfg.train
+    monitor = StreamMonitor(  # first: the progress bar shows what it measured at the same step
+        queue,
+        stats,
+        job.plan,
+        job.world,
+        t.log_every,
+        devices=gpu_devices(job.generator_devices, job.trainer_devices),
+        run_config=Path(spec.run_dir) / "config.yaml",
+        max_steps=t.max_steps,
+    )
     return [
-        StreamMonitor(queue, stats, job.plan, job.cfg.trainers, t.log_every),
-        StepProgressBar(),
-        LearningRateMonitor(logging_interval="step"),
-        ModelCheckpoint(
+        monitor,
+        ComputeMonitor.from_config(job.cfg, spec.run_dir),  # compute/*, data/*, --train.budget_gpu_hours
+        StepProgressBar(monitor, t.log_every),
+        *([build_probe(spec)] if t.probes else []),
+        *([StopAndSave(spec.control)] if spec.control is not None else []),
+        *([LambdaCallback(**spec.pulse.hooks())] if spec.pulse is not None else []),  # the trainer watchdog's beats
+        StreamCheckpoint(  # also writes last.ckpt wherever fit stops early (trainer.should_stop)
             dirpath=Path(spec.run_dir) / "checkpoints",
             filename="step{step:07d}",
             auto_insert_metric_name=False,
@@ -136,19 +186,33 @@ def build_callbacks(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) 
     ]
 
 
+def build_probe(spec: TrainerSpec):
+    """The linear-probe callback (--train.probes): Tab. 2's protocol every probe_every steps, logs probe/*."""
+    from streamgen.probe_callback import LinearProbe
+    from streamgen.transfer import parse_probes
+
+    t = spec.job.cfg.train
+    return LinearProbe(parse_probes(t.probes), t.probe_every, t.crop, t.probe_subset, t.val_batch_size, t.workers)
+
+
 def build_trainer(spec: TrainerSpec, logger, callbacks: list):
     import lightning as L
 
+    from streamgen.callbacks import quiet_libraries
+    from streamgen.checkpoint import AtomicCheckpointIO
+
+    quiet_libraries()  # no tips or banners; real warnings still show
     job, t = spec.job, spec.job.cfg.train
-    world = job.cfg.trainers
-    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if job.accelerator == "gpu" else "32-true")
+    world = job.world
     return L.Trainer(
         accelerator=job.accelerator,
         devices=job.trainer_devices,
-        strategy="ddp" if world > 1 else "auto",
+        strategy=_strategy(job) if world > 1 else "auto",
+        num_nodes=job.placement.nodes,
+        plugins=[_cluster_environment(), AtomicCheckpointIO()],  # atomic: never a partial file under a checkpoint's name
         max_steps=t.max_steps,
         max_epochs=-1,
-        precision=precision,
+        precision=resolve_precision(job),
         logger=logger,
         callbacks=callbacks,
         log_every_n_steps=t.log_every,
@@ -157,5 +221,29 @@ def build_trainer(spec: TrainerSpec, logger, callbacks: list):
         limit_val_batches=None if t.val_dir else 0,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
-        enable_model_summary=spec.rank == 0,
+        sync_batchnorm=t.sync_batchnorm and world > 1,
+        enable_model_summary=False,  # a table of one row; the config text says what the model is
     )
+
+
+def resolve_precision(job: Job) -> str:
+    """``train.precision`` with ``auto`` decided: bf16-mixed on GPUs, 32-true on CPUs."""
+    t = job.cfg.train
+    return t.precision if t.precision != "auto" else ("bf16-mixed" if job.accelerator == "gpu" else "32-true")
+
+
+def _strategy(job: Job):
+    """DDP with a collective timeout far below torch's 30 minutes: a lost node ends the run."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(timeout=timedelta(seconds=job.cfg.dist.timeout))
+
+
+def _cluster_environment():
+    """The ranks' places come from the variables the launcher set (never SLURM's or torchrun's
+    own, which describe the launchers, one per node, not the trainer ranks)."""
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    return LightningEnvironment()

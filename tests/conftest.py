@@ -64,6 +64,68 @@ def write_image_folder(
     return root
 
 
+def write_benchmark(parent: Path, name: str, per_class: int = 1, seed: int = 0) -> Path:
+    """An ImageNet benchmark in miniature, exactly as its archive extracts into ``parent``: the same
+    folders, file names and extra files, with tiny random JPEGs; returns the extracted folder.
+
+    ``name``: in-val, in-sketch, in-r, in-a, or in-v2:VARIANT (matched-frequency, threshold0.7, top-images).
+    """
+    import hashlib
+
+    from PIL import Image
+
+    from streamgen.benchmarks import synsets
+
+    rng = np.random.default_rng(seed)
+    name, _, variant = name.partition(":")
+    top = {
+        "in-val": "val",
+        "in-v2": f"imagenetv2-{variant}-format-val",
+        "in-sketch": "sketch",
+        "in-r": "imagenet-r",
+        "in-a": "imagenet-a",
+    }[name]
+    root = parent / top
+    for c, wnid in enumerate(synsets(name)):
+        folder = root / (str(c) if name == "in-v2" else wnid)  # ImageNet-V2: class index folders
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            n = c * per_class + k
+            file = {
+                "in-val": f"ILSVRC2012_val_{n + 1:08d}.JPEG",
+                "in-v2": f"{hashlib.sha1(f'{c}-{k}'.encode()).hexdigest()}.jpeg",
+                "in-sketch": f"sketch_{k}.JPEG",
+                "in-r": f"{('art', 'cartoon', 'origami', 'sketch')[k % 4]}_{k}.jpg",
+                "in-a": f"0.{n:06d}_thing _ thing_0.{k + 1}5.jpg",
+            }[name]
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(folder / file, "JPEG")
+    if name in ("in-r", "in-a"):
+        (root / "README.txt").write_text(f"{top}\n" + "".join(f"{w} class\n" for w in synsets(name)))
+    return root
+
+
+def write_checkpoint(path: Path, keys: list[str], arch: str = "resnet18", crop: int | None = None, seed: int = 0):
+    """A classifier checkpoint as train.py leaves it (the format `Classifier.load_from_checkpoint` reads);
+    with ``crop``, inside a run folder whose config.yaml says ``train.crop``. Returns the model (eval mode)."""
+    import lightning
+    import yaml
+
+    from streamgen.model import Classifier
+
+    torch.manual_seed(seed)
+    model = Classifier(arch, keys)
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    if crop is not None:
+        (path.parent.parent / "config.yaml").write_text(yaml.safe_dump({"train": {"arch": arch, "crop": crop}}))
+    return model.eval()
+
+
 def shm_entries() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 

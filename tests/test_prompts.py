@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -7,6 +8,7 @@ from streamgen.classes import load_classes
 from streamgen.errors import UsageError
 from streamgen.prompts import PromptTemplate, places365_scenes, readable_scene
 
+ROOT = Path(__file__).resolve().parents[1]
 PAPILLON, PIRATE, TABBY = "n02086910", "n03947888", "n02123045"
 
 
@@ -54,19 +56,40 @@ def test_template_needing_what_a_custom_class_lacks(tmp_path):
         PromptTemplate.parse("c_hc").check_classes(classes)
 
 
-def test_preview_command():
+def preview(*args: str) -> list[list[str]]:
     out = subprocess.run(
-        [sys.executable, "-m", "streamgen.prompts", "--classes", "imagenet100", "--template", "c_hc_b", "--n", "5"],
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, "-m", "streamgen.prompts", *args], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout.splitlines()
-    assert out[0].split("\t") == ["id", "wnid", "label", "seed", "prompt"]
-    rows = [line.split("\t") for line in out[1:]]
+    assert out[0].split("\t") == ["id", "wnid", "label", "seed", "scene", "prompt"]
+    return [line.split("\t") for line in out[1:]]
+
+
+def test_preview_command():
+    rows = preview("--classes", "imagenet100", "--prompt", "c_hc_b", "--n", "5")
     assert [int(r[0]) for r in rows] == list(range(5))
     keys = load_classes("imagenet100").keys
-    for _, wnid, label, _, prompt in rows:
-        assert keys[int(label)] == wnid and " inside " in prompt
+    for _, wnid, label, _, scene, prompt in rows:
+        assert keys[int(label)] == wnid and prompt.endswith(f" inside {scene}")
+
+
+def test_preview_shows_a_runs_own_prompts():
+    from streamgen.config import parse_config
+    from streamgen.plan import SamplePlan
+
+    config = str(ROOT / "configs" / "smoke.yaml")
+    rows = preview("--config", config, "--start", "100", "--n", "8")
+    cfg = parse_config(["--config", config])  # what train.py makes of the same config
+    plan = SamplePlan(load_classes(cfg.classes), PromptTemplate.parse(cfg.prompt), cfg.seed)
+    samples = plan.samples(range(100, 108))
+    assert [(int(r[0]), r[1], int(r[3]), r[5]) for r in rows] == [(s.id, s.key, s.seed, s.prompt) for s in samples]
+    flags = preview("--config", config, "--seed", "7", "--prompt", "a photo of a {c}", "--n", "3")
+    assert all(r[5].startswith("a photo of a ") and r[4] == "-" for r in flags)  # the flags win over the config
+
+
+def test_the_stage_imports_no_later_stage():
+    code = "import sys, streamgen.prompts; print(sorted(m for m in sys.modules if m.startswith('streamgen.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "streamgen.plan" not in loaded and "streamgen.config" not in loaded
 
 
 def test_preview_bad_template_exits_2():

@@ -31,6 +31,30 @@ def test_slot_life_cycle_and_lowest_unit_first():
     assert q.count(FREE) == 3 and q.freed.wait(0)
 
 
+def test_in_order_get_waits_for_the_expected_unit():
+    q = make_queue()
+    late, early = q.claim(0, unit=6), q.claim(1, unit=5)
+    q.commit(late)  # unit 6 arrives first
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        _get_within(q, unit=5, seconds=0.3)  # ...but the consumer waits for 5
+    assert time.monotonic() - started >= 0.3 and q.count(FILLED) == 1
+    q.commit(early)
+    assert q.unit(q.get(poll=0.01, unit=5)) == 5
+    assert q.unit(q.get(poll=0.01, unit=6)) == 6
+    assert q.count(READING) == 2
+
+
+def _get_within(q: SlotQueue, unit: int, seconds: float) -> int:
+    deadline = time.monotonic() + seconds
+
+    def alive() -> None:
+        if time.monotonic() > deadline:
+            raise TimeoutError
+
+    return q.get(poll=0.05, alive=alive, unit=unit)
+
+
 def test_reclaim_frees_only_uncommitted_slots():
     q = make_queue()
     slot = q.claim(0, unit=3)
@@ -119,3 +143,60 @@ def test_pinned_slots_copy_to_the_gpu():
     on_gpu = view.images.to("cuda", non_blocking=True)
     torch.cuda.synchronize()
     assert on_gpu.float().mean().item() == 7
+
+
+def _in_order_consumer(queue: SlotQueue, units: int, results) -> None:
+    """A trainer stand-in that takes units 0, 1, 2, ... whatever order they arrive in."""
+    got = []
+    for unit in range(units):
+        slot = queue.get(poll=0.2, unit=unit)
+        got.append((queue.unit(slot), queue.view(slot).ids.tolist()))
+        queue.release(slot)
+    results.put(got)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("fault", ["kill:0:1", "raise:1:2"])
+def test_in_order_consumption_survives_a_crashed_generator(monkeypatch, fault):
+    """A crash leaves a hole in the unit order (later units fill the other slots); the
+    consumer waits for the hole and the stream must not deadlock: the reclaimed unit is the
+    supervisor's next claim on the freed slot."""
+    from test_supervisor import UNIT, run_until, supervisor
+
+    from streamgen.generator import FAULT_ENV
+    from streamgen.plan import unit_ids
+
+    monkeypatch.setenv(FAULT_ENV, fault)
+    results = SPAWN.Queue()
+    with supervisor(generators=3, slots=2, restart_backoff=0.5) as sup:
+        consumer = SPAWN.Process(target=_in_order_consumer, args=(sup.queues[0], 60, results))
+        consumer.start()
+        run_until(sup, lambda: not consumer.is_alive(), 150)
+        got = results.get(timeout=10)
+        assert sup.stats.total("restarts") == 1  # the fault did happen
+    assert [u for u, _ in got] == list(range(60))
+    assert all(ids == unit_ids(u, UNIT).tolist() for u, ids in got)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_two_runs_of_one_config_consume_the_same_units_at_the_same_steps(train_run, tmp_path):
+    """The default order: each rank takes its units in increasing order whatever order its two
+    generators finish them in, so the runs see the same samples at the same steps, even when
+    a generator crashes in one of them and its unit is made again late (in arrival order the
+    trainer, starved, would take the next unit first)."""
+    from conftest import read_consumed, read_scalars
+
+    from streamgen.generator import FAULT_ENV
+
+    args = ("--generators", "2", "--train.max_steps", "12", "--train.log_every", "1")  # the tiny SD model
+    first = train_run(*args, "--name", "a")
+    assert first.wait(240) == 0, first.output[-2000:]
+    second = train_run(*args, "--name", "b", "--stream.restart_backoff", "0.5", env={FAULT_ENV: "kill:0:3"})
+    assert second.wait(240) == 0, second.output[-2000:]
+    assert "generator 0 (cpu) died" in second.output
+    a, b = (tmp_path / "runs" / name / "version_0" for name in "ab")
+    assert read_consumed(a) == read_consumed(b) == [(step, step) for step in range(12)]
+    loss_a, loss_b = read_scalars(a)["train/loss"], read_scalars(b)["train/loss"]
+    assert [s for s, _ in loss_a] == [s for s, _ in loss_b] == list(range(1, 13))
+    assert [v for _, v in loss_a] == pytest.approx([v for _, v in loss_b], rel=1e-5)

@@ -12,20 +12,19 @@ scene drawn per sample. The paper's families are named templates:
 Scenes (`streamgen.scenes`) read as English: "arena/hockey" -> "hockey arena", "elevator/door"
 -> "elevator door".
 
-Preview the prompts of a plan (id, WordNet id, label, prompt):
+Preview the prompts of a run (``streamgen/prompts/__main__.py``, the command line; this stage
+imports nothing of the later ones):
 
-    python -m streamgen.prompts --classes imagenet100 --template c_hc_b --n 5
+    python -m streamgen.prompts --config configs/imagenet100_sd14.yaml --n 5
 """
 
 from __future__ import annotations
 
-import argparse
 import string
-import sys
 from dataclasses import dataclass
 
 from streamgen.classes import ClassInfo, ClassSet
-from streamgen.errors import EXIT_USAGE, UsageError
+from streamgen.errors import UsageError
 from streamgen.scenes import places365_scenes, readable_scene  # noqa: F401  (re-exported)
 
 TEMPLATES = {
@@ -84,33 +83,3 @@ class PromptTemplate:
 
     def render(self, cls: ClassInfo, scene: str | None = None) -> str:
         return self.text.format(c=cls.lemmas, h=cls.hypernyms, d=cls.definition, b=scene or "")
-
-
-def main(argv: list[str] | None = None) -> int:
-    # The preview reads the sample plan, the next stage; it is only an entry point.
-    from streamgen.classes import load_classes
-    from streamgen.plan import SamplePlan
-
-    parser = argparse.ArgumentParser(
-        prog="python -m streamgen.prompts", description="Print the first samples of a plan."
-    )
-    parser.add_argument("--classes", default="imagenet100", help="class set, e.g. imagenet100:10")
-    parser.add_argument("--template", default="c_hc_b", help=f"{', '.join(TEMPLATES)} or '...{{c}}...'")
-    parser.add_argument("--n", type=int, default=10, help="how many sample ids to show")
-    parser.add_argument("--start", type=int, default=0, help="first sample id")
-    parser.add_argument("--seed", type=int, default=0, help="run seed")
-    args = parser.parse_args(argv)
-    try:
-        classes = load_classes(args.classes)
-        plan = SamplePlan(classes, PromptTemplate.parse(args.template), seed=args.seed)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    print("id\twnid\tlabel\tseed\tprompt")
-    for s in plan.samples(range(args.start, args.start + args.n)):
-        print(f"{s.id}\t{s.key}\t{s.label}\t{s.seed}\t{s.prompt}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

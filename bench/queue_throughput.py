@@ -1,7 +1,7 @@
 """Throughput of the shared-memory stream vs torch.multiprocessing.Queue vs a plain memcpy.
 
-    python bench/queue.py                    # 64 x 224 x 224 x 3 uint8 batches, 1/2/4 producers
-    python bench/queue.py --batches 400 --producers 1 2 4 8
+    python bench/queue_throughput.py                    # 64 x 224 x 224 x 3 uint8 batches, 1/2/4 producers
+    python bench/queue_throughput.py --batches 400 --producers 1 2 4 8
 
 streamgen's path is the real one: the supervisor hands each producer process a job
 (rank, slot, unit), the producer writes a batch into the slot (one copy, as a generator writes
@@ -11,24 +11,19 @@ torch.multiprocessing.Queue (what a naive design does); memcpy is one process co
 same bytes between buffers larger than the caches.
 """
 
+import argparse
 import os
-import sys
+import time
 
-# bench/ holds this queue.py: keep the folder off sys.path, or it shadows the standard `queue`.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import torch
+import torch.multiprocessing as tmp
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-import torch.multiprocessing as tmp  # noqa: E402
-
-from streamgen.classes import load_classes  # noqa: E402
-from streamgen.config import GeneratorConfig  # noqa: E402
-from streamgen.generator import WorkerSpec  # noqa: E402
-from streamgen.plan import SamplePlan, UnitCursor  # noqa: E402
-from streamgen.prompts import PromptTemplate  # noqa: E402
-from streamgen.supervisor import SPAWN, Supervisor  # noqa: E402
+from streamgen.classes import load_classes
+from streamgen.config import GeneratorConfig
+from streamgen.generator import WorkerSpec
+from streamgen.plan import SamplePlan, UnitCursor
+from streamgen.prompts import PromptTemplate
+from streamgen.supervisor import SPAWN, Supervisor
 
 
 def copy_worker(spec: WorkerSpec, conn, queues, stats) -> None:

@@ -1,0 +1,91 @@
+"""Export a finished cache for other tools: an ImageFolder tree of PNGs, or WebDataset shards.
+
+Each sample carries its id, class key, label, prompt and noise seed (from the run's plan):
+
+- ``imagefolder``: ``DIR/<class key>/<id:09d>.png`` and ``DIR/samples.jsonl`` (one JSON line per
+  sample: path, id, class, label, prompt, seed); torchvision's ``ImageFolder`` reads the tree.
+- ``webdataset``: ``DIR/cache-000000.tar`` ... (``webdataset.ShardWriter``), each sample a
+  ``<id:09d>.png`` and a ``<id:09d>.json`` with the same fields.
+
+The export is written into ``DIR.partial`` and renamed to ``DIR`` at the end, so an
+interrupted export leaves no half-filled target (it removes its partial folder).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from streamgen.cache.reader import CacheReader
+from streamgen.plan import SamplePlan
+
+FORMATS = ("imagefolder", "webdataset")
+CHUNK = 256  # samples read from the cache at a time
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _records(reader: CacheReader, plan: SamplePlan):
+    """(image CHW uint8, metadata) for every sample, in id order."""
+    for start in range(0, len(reader), CHUNK):
+        ids = np.arange(start, min(start + CHUNK, len(reader)))
+        images, labels, stored_ids = reader.gather(ids)
+        for image, sample in zip(images.numpy(), plan.samples(stored_ids.numpy())):
+            meta = {
+                "id": sample.id,
+                "class": sample.key,
+                "label": sample.label,
+                "prompt": sample.prompt,
+                "seed": sample.seed,
+            }
+            yield image, meta
+
+
+def export(reader: CacheReader, plan: SamplePlan, target: str | Path, fmt: str, per_tar: int = 10000) -> int:
+    """Write the cache to ``target`` (which must not exist); returns the number of samples."""
+    target = Path(target)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        count = (
+            _imagefolder(reader, plan, partial) if fmt == "imagefolder" else _webdataset(reader, plan, partial, per_tar)
+        )
+        partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return count
+
+
+def _imagefolder(reader: CacheReader, plan: SamplePlan, root: Path) -> int:
+    count = 0
+    with open(root / "samples.jsonl", "w") as index:
+        for image, meta in _records(reader, plan):
+            folder = root / meta["class"]
+            folder.mkdir(exist_ok=True)
+            name = f"{meta['class']}/{meta['id']:09d}.png"
+            (root / name).write_bytes(_png(image))
+            index.write(json.dumps({"path": name, **meta}) + "\n")
+            count += 1
+    return count
+
+
+def _webdataset(reader: CacheReader, plan: SamplePlan, root: Path, per_tar: int) -> int:
+    import webdataset as wds
+
+    count = 0
+    with wds.ShardWriter(str(root / "cache-%06d.tar"), maxcount=per_tar, verbose=0) as sink:
+        for image, meta in _records(reader, plan):
+            sink.write({"__key__": f"{meta['id']:09d}", "png": _png(image), "json": json.dumps(meta).encode()})
+            count += 1
+    return count

@@ -1,0 +1,265 @@
+"""The fixed cache on disk: its size, its shard files, its fingerprint and its manifest.
+
+A cache holds the first N samples of a run's plan (sample ids ``0..N-1``) at the stream
+resolution, losslessly (the uint8 pixels the stream would deliver). It is stored as shards:
+
+    DIR/shard-000000.bin ...    shard s = units [s*K, (s+1)*K) (K = cache.shard_units; the last
+                                may hold fewer): uint8 images [n, 3, R, R], then int64 labels [n],
+                                then int64 sample ids [n], back to back (memory-mapped by readers)
+    DIR/progress.json           the build's running state: fingerprint, device-seconds so far,
+                                sha256 of every finished shard (rewritten atomically)
+    DIR/manifest.json           written last, atomically, once every shard exists
+
+A shard is written to ``.shard-XXXXXX.tmp`` in the same folder, flushed, fsynced and renamed,
+so "which units exist" is the list of ``shard-*.bin`` files: a killed build resumes by making
+only the missing shards.
+
+The size: ``--cache.images N``, or ``--cache.scale S`` = S x the class set's real training-set
+size: the sum of ``--class_counts`` when given, else ImageNet-1K's train split (1,281,167
+images; ImageNet-100: 126,689) at its mean per class (1,281.167) times the number of classes,
+except the two full sets, which get their exact sizes. N is rounded up to a whole number of
+units (``stream.batch_size``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamgen.config import RunConfig
+from streamgen.errors import UsageError
+
+MANIFEST, PROGRESS = "manifest.json", "progress.json"
+MANIFEST_FORMAT = "streamgen-cache/1"
+IMAGENET1K_TRAIN_IMAGES = 1_281_167  # ILSVRC-2012 train split
+IMAGENET100_TRAIN_IMAGES = 126_689  # the CMC ImageNet-100 subset of it
+REAL_SIZES = {"imagenet1k": IMAGENET1K_TRAIN_IMAGES, "imagenet100": IMAGENET100_TRAIN_IMAGES}
+# Generator settings that change pixels; the others (batch size, compile, threads, ...) do not.
+PIXEL_SETTINGS = ("resolution", "steps", "guidance", "scheduler", "dtype", "safety_checker", "max_redraws")
+
+
+def real_size(class_spec: str, n_classes: int, counts: np.ndarray | None) -> int:
+    """Images in the class set's real training set (see the module docstring)."""
+    if counts is not None:
+        return int(np.sum(counts))
+    if class_spec in REAL_SIZES:
+        return REAL_SIZES[class_spec]
+    return round(IMAGENET1K_TRAIN_IMAGES / 1000 * n_classes)
+
+
+def cache_images(cfg: RunConfig, n_classes: int, counts: np.ndarray | None) -> int:
+    """N, rounded up to whole units; UsageError when neither size is given or it is <= 0."""
+    c, unit = cfg.cache, cfg.stream.batch_size
+    if c.images is not None and c.scale is not None:
+        raise UsageError("give the cache size once: --cache.images N or --cache.scale S, not both")
+    if c.images is not None:
+        n = c.images
+        if n <= 0:
+            raise UsageError(f"--cache.images must be at least 1 (got {n})")
+    elif c.scale is not None:
+        if c.scale <= 0:
+            raise UsageError(f"--cache.scale must be > 0 (got {c.scale}); 1 = the real dataset's size")
+        n = math.ceil(c.scale * real_size(cfg.classes, n_classes, counts))
+    else:
+        raise UsageError("--source cache needs a size: --cache.images N or --cache.scale S (S x the real dataset)")
+    return -(-n // unit) * unit
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each sample lives: shards of ``shard_units`` units of ``unit_size`` images."""
+
+    dir: str
+    images: int  # N, a multiple of unit_size
+    unit_size: int
+    resolution: int
+    shard_units: int
+
+    @property
+    def shard_size(self) -> int:
+        return self.shard_units * self.unit_size
+
+    @property
+    def shards(self) -> int:
+        return -(-self.images // self.shard_size)
+
+    @property
+    def units(self) -> int:
+        return self.images // self.unit_size
+
+    @property
+    def image_bytes(self) -> int:
+        return 3 * self.resolution * self.resolution
+
+    def shard_images(self, shard: int) -> int:
+        return min(self.shard_size, self.images - shard * self.shard_size)
+
+    def shard_units_of(self, shard: int) -> range:
+        first = shard * self.shard_units
+        return range(first, min(first + self.shard_units, self.units))
+
+    def shard_nbytes(self, shard: int) -> int:
+        return self.shard_images(shard) * (self.image_bytes + 16)
+
+    def total_nbytes(self) -> int:
+        return self.images * (self.image_bytes + 16)
+
+    def shard_name(self, shard: int) -> str:
+        return f"shard-{shard:06d}.bin"
+
+    def shard_path(self, shard: int) -> Path:
+        return Path(self.dir) / self.shard_name(shard)
+
+    def temp_path(self, shard: int) -> Path:
+        return Path(self.dir) / f".shard-{shard:06d}.tmp"
+
+    def present(self) -> list[int]:
+        """Shards that exist complete (their final name, their full size)."""
+        return [s for s in range(self.shards) if _size(self.shard_path(s)) == self.shard_nbytes(s)]
+
+    def missing(self) -> list[int]:
+        have = set(self.present())
+        return [s for s in range(self.shards) if s not in have]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def layout_for(cfg: RunConfig, images: int) -> Layout:
+    return Layout(str(cfg.cache.dir), images, cfg.stream.batch_size, cfg.stream.resolution, cfg.cache.shard_units)
+
+
+def fingerprint(cfg: RunConfig, class_fingerprint: str, counts: np.ndarray | None, images: int) -> dict[str, Any]:
+    """What made the cache's pixels: two runs may share a cache iff these are equal."""
+    counts_digest = None if counts is None else hashlib.sha1(np.asarray(counts, np.int64).tobytes()).hexdigest()[:16]
+    return {
+        "classes": class_fingerprint,
+        "class_counts": counts_digest,
+        "seed": cfg.seed,
+        "prompt": cfg.prompt,
+        "model": cfg.model,
+        **{f"generator.{k}": getattr(cfg.generator, k) for k in PIXEL_SETTINGS},
+        "stream.resolution": cfg.stream.resolution,
+        "stream.batch_size": cfg.stream.batch_size,
+        "cache.shard_units": cfg.cache.shard_units,
+        "images": images,
+    }
+
+
+FLAGS = {"classes": "--classes", "class_counts": "--class_counts", "images": "--cache.images/--cache.scale"}
+
+
+def differing_setting(have: dict[str, Any], want: dict[str, Any]) -> str | None:
+    """One line naming the first setting in which a cache (``have``) differs from a run, or None."""
+    for key, value in want.items():
+        if have.get(key) != value:
+            flag = FLAGS.get(key, f"--{key}")
+            return f"{flag} is {have.get(key)!r} in the cache but {value!r} in this run"
+    return None
+
+
+# -- small JSON files, written atomically ----------------------------------------------------
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Temp file in the same folder, flush + fsync, rename, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is unreadable ({e}); delete the cache folder to rebuild it") from None
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    return read_json(Path(folder) / MANIFEST)
+
+
+def read_progress(folder: str | Path) -> dict[str, Any] | None:
+    return read_json(Path(folder) / PROGRESS)
+
+
+# -- the checks before anything starts -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A checked cache: its layout, its fingerprint, and whether it still needs building."""
+
+    layout: Layout
+    fingerprint: dict[str, Any]
+    complete: bool
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_cache(cfg: RunConfig, class_fingerprint: str, counts: np.ndarray | None, n_classes: int) -> CacheSpec:
+    """Size, folder, free disk and fingerprint of the run's cache; raises UsageError, creates nothing."""
+    images = cache_images(cfg, n_classes, counts)
+    if not cfg.cache.dir:
+        raise UsageError("--source cache needs --cache.dir: a folder on local disk for the cache's shards")
+    folder = Path(cfg.cache.dir)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--cache.dir {folder} is a file, not a folder")
+    layout = layout_for(cfg, images)
+    want = fingerprint(cfg, class_fingerprint, counts, images)
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    recorded = manifest or (read_progress(folder) if folder.is_dir() else None)
+    if recorded is not None:
+        why = differing_setting(recorded.get("fingerprint", {}), want)
+        if why:
+            raise UsageError(f"--cache.dir {folder} holds a cache of another plan: {why}; use another --cache.dir")
+    complete = manifest is not None and not layout.missing()
+    if not complete:
+        _check_room(layout, folder)
+    return CacheSpec(layout, want, complete)
+
+
+def _check_room(layout: Layout, folder: Path) -> None:
+    base = _existing_ancestor(folder)
+    if not base.is_dir():
+        raise UsageError(f"--cache.dir {folder}: {base} is a file, so no folder can be made there; pick another")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"--cache.dir {folder}: {base} is not writable; pick a folder you can write to")
+    needed = sum(layout.shard_nbytes(s) for s in layout.missing())
+    free = shutil.disk_usage(base).free
+    if needed > free:
+        raise UsageError(
+            f"--cache.dir {folder}: the cache needs {needed / 2**30:.2f} GiB more but {base} has "
+            f"{free / 2**30:.2f} GiB free; free space, pick another disk or lower --cache.images"
+        )

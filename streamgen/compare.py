@@ -1,0 +1,332 @@
+"""Compare runs at equal compute: one figure and a Markdown table from their TensorBoard events.
+
+    python -m streamgen.compare runs/in100_cache1x/version_0 runs/in100_stream/version_0 --out cmp
+
+A run is a folder written by ``train.py`` (``runs/NAME/version_K``: ``config.yaml`` and
+TensorBoard event files). For each run this reads the scalars logged so far (a run that is
+still going is read as far as it got) and writes into ``--out``:
+
+- ``compare.png``: validation top-1 and top-5, linear-probe top-1 (``probe/<name>/top1``) where
+  logged, and the training loss, each against accounted compute (total GPU-hours, see
+  `streamgen.compute`) and against images seen; one line per run, the same colour throughout;
+- ``compare.md``: a summary of each run, and each run's metrics at matched budgets: the largest
+  budget every run has reached, and fractions of it; a metric "at budget B" is its last value
+  logged at or before B GPU-hours.
+
+A metric logged at step s is placed at the compute and images seen of step s: the values
+logged at s when there are any (`ComputeMonitor` logs them at every evaluation), else
+interpolated linearly between the nearest logged steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from streamgen.errors import EXIT_USAGE, UsageError
+
+FIGURE, TABLE = "compare.png", "compare.md"
+TOTAL, SEEN, UNIQUE = "compute/total_gpu_hours", "data/images_seen", "data/unique_images"
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+# Metrics compared, in order: (tag, title, percent: the factor to a percentage, None for a loss).
+# Validation accuracies are logged as fractions, linear probes (streamgen.probe_callback) in percent.
+VAL_METRICS = (("val/top1", "validation top-1 (%)", 100.0), ("val/top5", "validation top-5 (%)", 100.0))
+LOSS = ("train/loss", "training loss (on the run's own images)", None)
+
+
+@dataclass
+class Run:
+    folder: Path
+    label: str
+    config: dict[str, Any]
+    scalars: dict[str, tuple[np.ndarray, np.ndarray]]  # tag -> (steps, values), by step
+    x: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # tag -> {"gpu_hours", "images"}
+
+    @property
+    def gpu_hours(self) -> float:
+        """Compute reached so far: the last logged total."""
+        return float(self.scalars[TOTAL][1][-1])
+
+    def describe(self) -> str:
+        c = self.config
+        trainers = f"{c.get('trainers', '?')} trainer(s)"
+        if c.get("source", "stream") == "cache":  # its generators only built the cache (the build cost counts)
+            cache = c.get("cache") or {}
+            size = f"{cache['images']} images" if cache.get("images") else f"{cache.get('scale')}x real size"
+            return f"cache ({size}), {trainers}"
+        return f"stream, {c.get('generators', '?')} generator(s), {trainers}"
+
+
+# -- reading ----------------------------------------------------------------------------------------
+
+
+def check_run_folder(folder: Path) -> None:
+    """UsageError unless ``folder`` is a run (config.yaml and at least one event file)."""
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such run folder")
+    if not (folder / "config.yaml").is_file():
+        versions = sorted(p.name for p in folder.glob("version_*") if (p / "config.yaml").is_file())
+        hint = f"; its runs are {', '.join(str(folder / v) for v in versions)}" if versions else ""
+        raise UsageError(f"{folder} is not a run folder (no config.yaml): give runs/NAME/version_K{hint}")
+    if not any(folder.glob("events.out.tfevents.*")):
+        raise UsageError(f"{folder} holds no TensorBoard event file yet: has the run started?")
+
+
+def read_scalars(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every scalar series of a run folder, sorted by step (the last value wins on a repeated step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    series = {}
+    for tag in events.Tags()["scalars"]:
+        by_step = {e.step: e.value for e in events.Scalars(tag)}
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        series[tag] = (steps, np.array([by_step[s] for s in steps], dtype=np.float64))
+    return series
+
+
+def at_steps(series: tuple[np.ndarray, np.ndarray], steps: np.ndarray) -> np.ndarray:
+    """The series' value at each of ``steps``: exact where logged, else linear between neighbours
+    (and along the last two points' slope past the end)."""
+    xs, ys = series
+    values = np.interp(steps, xs, ys)
+    if len(xs) >= 2:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        after = steps > xs[-1]
+        values[after] = ys[-1] + slope * (steps[after] - xs[-1])
+    return values
+
+
+def load_run(folder: Path) -> Run:
+    check_run_folder(folder)
+    try:
+        config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"{folder}/config.yaml is not readable: {e}") from None
+    scalars = read_scalars(folder)
+    if TOTAL not in scalars:
+        raise UsageError(
+            f"{folder} has no {TOTAL} yet: a run logs its compute every train.log_every steps "
+            "(runs made before compute accounting cannot be compared by cost)"
+        )
+    run = Run(folder, f"{folder.parent.name}/{folder.name}", config, scalars)
+    images = scalars.get(SEEN)
+    for tag, (steps, _) in scalars.items():
+        run.x[tag] = {
+            "gpu_hours": at_steps(scalars[TOTAL], steps),
+            "images": at_steps(images, steps) if images is not None else steps * _images_per_step(config),
+        }
+    return run
+
+
+def _images_per_step(config: dict[str, Any]) -> int:
+    return int((config.get("stream") or {}).get("batch_size", 1)) * int(config.get("trainers", 1))
+
+
+def compared_metrics(runs: list[Run]) -> list[tuple[str, str, float | None]]:
+    """Validation top-1/top-5, each probe's top-1 logged by any run, then the training loss."""
+    tags = set().union(*(r.scalars for r in runs))
+    probes = sorted(t for t in tags if t.startswith("probe/") and t.endswith("/top1"))
+    metrics = list(VAL_METRICS)
+    metrics += [(t, f"linear probe {t[len('probe/') : -len('/top1')]} top-1 (%)", 1.0) for t in probes]
+    return [*metrics, LOSS]
+
+
+# -- at matched budgets -----------------------------------------------------------------------------
+
+
+def value_at_budget(run: Run, tag: str, budget: float) -> tuple[int, float] | None:
+    """(step, value) of the last point of ``tag`` logged at or before ``budget`` GPU-hours."""
+    if tag not in run.scalars:
+        return None
+    steps, values = run.scalars[tag]
+    within = np.nonzero(run.x[tag]["gpu_hours"] <= budget * (1 + 1e-9))[0]
+    if len(within) == 0:
+        return None
+    i = within[-1]
+    return int(steps[i]), float(values[i])
+
+
+def matched_budgets(runs: list[Run], fractions: tuple[float, ...] = FRACTIONS) -> list[float]:
+    """Fractions of the largest budget every run has reached."""
+    common = min(r.gpu_hours for r in runs)
+    return [common * f for f in fractions]
+
+
+def _fmt(value: float | None, percent: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{percent * value:.2f}" if percent else f"{value:.4f}"
+
+
+def markdown(runs: list[Run], metrics: list[tuple[str, str, float | None]], fractions: tuple[float, ...]) -> str:
+    lines = ["# Runs compared at equal compute", "", f"![validation against compute and images]({FIGURE})", ""]
+    lines += ["| run | folder | source | GPU-hours so far | steps | images seen | unique images |"]
+    lines += ["|---|---|---|---:|---:|---:|---:|"]
+    for r in runs:
+        steps, seen = r.scalars[TOTAL][0][-1], r.scalars.get(SEEN, (None, [float("nan")]))[1][-1]
+        unique = r.scalars.get(UNIQUE, (None, [float("nan")]))[1][-1]
+        lines.append(
+            f"| {r.label} | {r.folder} | {r.describe()} | {r.gpu_hours:.4g} | {steps} | {seen:.0f} | {unique:.0f} |"
+        )
+    lines += ["", "## At matched budgets", ""]
+    lines += [
+        "Each metric's last value logged at or before the budget (GPU-hours: device-hours held by the run's "
+        "generators and trainers, plus a cache's build); accuracies in %. The largest budget is the compute "
+        "that every run has reached.",
+        "",
+    ]
+    header = ["budget (GPU-hours)", "run", "step", "images seen", *[title for _, title, _ in metrics]]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for budget in matched_budgets(runs, fractions):
+        for r in runs:
+            at = value_at_budget(r, TOTAL, budget)
+            seen = value_at_budget(r, SEEN, budget)
+            cells = [
+                f"{budget:.4g}",
+                r.label,
+                str(at[0]) if at else "—",
+                f"{seen[1]:.0f}" if seen else "—",
+                *[_fmt((value_at_budget(r, tag, budget) or (0, None))[1], pct) for tag, _, pct in metrics],
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -- the figure -------------------------------------------------------------------------------------
+
+
+def figure(runs: list[Run], metrics: list[tuple[str, str, float | None]]):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(12, 3.2 * len(metrics)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    axes_x = (("gpu_hours", "GPU-hours (accounted compute)"), ("images", "images seen"))
+    for row, (tag, title, percent) in enumerate(metrics):
+        for col, (xkey, xlabel) in enumerate(axes_x):
+            ax = axes[row][col]
+            drawn = False
+            for i, r in enumerate(runs):
+                if tag not in r.scalars:
+                    continue
+                scale = percent or 1.0
+                ys = r.scalars[tag][1] * scale
+                marker = "o" if len(ys) <= 20 else None  # a few evaluations: show each point
+                ax.plot(r.x[tag][xkey], ys, color=colors[i % len(colors)], marker=marker, markersize=3, label=r.label)
+                drawn = True
+            if not drawn:
+                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.set_title(title)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[i % len(colors)], label=r.label) for i, r in enumerate(runs)]
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(runs), 4), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.2 * len(metrics))))
+    return fig
+
+
+# -- writing ----------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(file)`` into a temporary file next to ``path``, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: give a folder for {FIGURE} and {TABLE}")
+    for name in (FIGURE, TABLE):
+        if (out / name).exists() and not overwrite:
+            raise UsageError(f"{out / name} exists: pass --overwrite to replace it, or another --out")
+    parent = out if out.exists() else next(p for p in out.parents if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot write in {parent}")
+
+
+def compare(folders: list[Path], out: Path, overwrite: bool = False, fractions: tuple[float, ...] = FRACTIONS):
+    """Read the runs, check everything, then write the figure and the table; returns their paths."""
+    resolved = [f.resolve() for f in folders]
+    for i, f in enumerate(resolved):
+        if f in resolved[:i]:
+            raise UsageError(f"{folders[i]} is given twice")
+    check_out(out, overwrite)
+    runs = [load_run(f) for f in folders]
+    labels = [r.label for r in runs]
+    for r in runs:
+        if labels.count(r.label) > 1:
+            r.label = str(r.folder)
+    metrics = compared_metrics(runs)
+    fig, text = figure(runs, metrics), markdown(runs, metrics, fractions)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / FIGURE, lambda f: fig.savefig(f, format="png", dpi=110))
+        _atomic_write(out / TABLE, lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise UsageError(f"cannot write in --out {out}: {e.strerror or e}") from None
+    return out / FIGURE, out / TABLE
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"fractions must be in (0, 1], e.g. 0.25,0.5,1 (got {text!r})")
+    return values
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(
+        prog="python -m streamgen.compare",
+        description="Compare runs at equal compute: one PNG figure and a Markdown table (works on running runs).",
+    )
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders: runs/NAME/version_K")
+    parser.add_argument("--out", type=Path, required=True, help=f"folder for {FIGURE} and {TABLE} (made if needed)")
+    parser.add_argument("--overwrite", action="store_true", help="replace compare.png/compare.md already in --out")
+    parser.add_argument(
+        "--fractions",
+        type=_fractions,
+        default=FRACTIONS,
+        help="budgets of the table, as fractions of the largest budget every run reached (default: 0.25,0.5,0.75,1)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        figure_path, table_path = compare(args.runs, args.out, args.overwrite, args.fractions)
+    except UsageError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {figure_path} and {table_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

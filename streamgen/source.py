@@ -1,0 +1,153 @@
+"""The source stage: where a trainer rank's batches come from, and the hand-off to the model.
+
+Two sources, chosen in one place (`make_datamodule`, from ``--source``):
+
+- ``stream`` (`streamgen.stream.StreamDataModule`): every batch is a queue slot freshly filled
+  by the generators, consumed once;
+- ``cache`` (`streamgen.cache.datamodule.CacheDataModule`): epochs over the fixed first N
+  samples of the same plan, read from memory-mapped shards.
+
+Both are a `SourceDataModule`, which owns everything they share, so the two arms of a
+comparison differ only in where batches come from: the augmentation (``self.augment``, one
+callable on whole uint8 batches on the trainer's device), the preview copy for TensorBoard,
+the audit trail of consumed samples (``consumed-rank{r}.tsv``) and the real-image validation
+loader. A subclass provides ``train_dataloader``, the record of what was consumed
+(`_mark_consumed`, which also writes the audit line) and what to do once a batch's pixels are
+no longer needed (`_after_hand_off`, e.g. free a queue slot).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+
+from streamgen.augment import eval_transform, train_augment
+from streamgen.realdata import CountSkipped, val_loader
+
+if TYPE_CHECKING:
+    from streamgen.checks import Job
+
+PREVIEW_IMAGES = 16
+
+
+class SourceDataModule(L.LightningDataModule):
+    """The shared hand-off: train batches are dicts ``{"image": uint8 [B,3,R,R], "label", "id", ...}``."""
+
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        run_meta: dict[str, Any],
+        crop: int,
+        min_scale: float = 0.08,
+        class_keys: list[str] | None = None,
+        val_dir: str | None = None,
+        val_batch_size: int = 256,
+        workers: int = 4,
+        preview_every: int = 0,
+        consumed_log: Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.rank, self.world = rank, world
+        self.run_meta = run_meta  # what a checkpoint must match to be resumed: classes, seed, ...
+        self.crop, self.min_scale = crop, min_scale
+        self.class_keys, self.val_dir = class_keys or [], val_dir
+        self.val_batch_size, self.workers = val_batch_size, workers
+        self.preview_every = preview_every
+        self.consumed_log = consumed_log
+        self._log_file = None
+        # uint8 [B, 3, H, W] on the trainer's device -> normalised float [B, 3, crop, crop]
+        self.augment: Callable[[torch.Tensor], torch.Tensor] = lambda images: train_augment(
+            images, self.crop, self.min_scale
+        )
+
+    # -- loaders ----------------------------------------------------------------------------
+
+    def val_dataloader(self) -> CountSkipped | list:
+        if not self.val_dir:
+            return []
+        # Batches are (images, labels, skipped): unreadable images are left out, counted and named.
+        transform = eval_transform(self.crop)
+        return val_loader(
+            self.val_dir, self.class_keys, transform, self.val_batch_size, self.workers, self.rank, self.world
+        )
+
+    # -- the hand-off to the model ----------------------------------------------------------
+
+    def is_train_batch(self, batch: Any) -> bool:
+        return isinstance(batch, dict) and "image" in batch and "id" in batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not self.is_train_batch(batch):
+            return batch  # a validation batch
+        images = batch["image"]
+        on_source_memory = images.device.type == "cpu" and self.shares_memory  # no device copy was made
+        out = {
+            "image": self.augment(images),
+            "label": batch["label"].clone() if on_source_memory else batch["label"],
+            "id": batch["id"].clone() if on_source_memory else batch["id"],
+        }
+        out.update({k: v for k, v in batch.items() if k not in ("image", "label", "id", "slot")})
+        # PREVIEW_IMAGES stream images, over as many batches as that takes (the dashboard gathers them)
+        if self.preview_every and self.trainer.global_step % self.preview_every < -(-PREVIEW_IMAGES // len(images)):
+            out["preview"] = images[:PREVIEW_IMAGES].clone()
+        self._after_hand_off(batch, images.device)
+        self._mark_consumed(batch)
+        return out
+
+    # Whether train batches on the CPU are views of memory the source reuses (a queue slot).
+    shares_memory = False
+
+    def _after_hand_off(self, batch: dict[str, Any], device: torch.device) -> None:
+        """The batch's source pixels are no longer needed once the copy to ``device`` is done."""
+
+    def _mark_consumed(self, batch: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _audit(self, line: str) -> None:
+        """Append one line to ``consumed-rank{r}.tsv`` (line-buffered: a crash loses at most one)."""
+        if self.consumed_log is None:
+            return
+        if self._log_file is None:
+            self._log_file = open(self.consumed_log, "a", buffering=1)
+        self._log_file.write(line + "\n")
+
+    def teardown(self, stage: str) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+def make_datamodule(
+    job: Job, rank: int, run_dir: str | Path, queue=None, stop_requested: Callable[[], bool] | None = None
+) -> SourceDataModule:
+    """The one place where a trainer rank's source is chosen: ``--source stream`` or ``cache``.
+
+    ``rank`` is the global trainer rank; ``queue`` that rank's queue (the stream only);
+    ``stop_requested`` the run's stop word, read by the stream while it waits for data."""
+    cfg, t = job.cfg, job.cfg.train
+    common = dict(
+        rank=rank,
+        world=job.world,
+        run_meta=job.run_meta,
+        crop=t.crop,
+        min_scale=t.min_scale,
+        class_keys=job.plan.classes.keys,
+        val_dir=t.val_dir,
+        val_batch_size=t.val_batch_size,
+        workers=t.workers,
+        preview_every=t.preview_every,
+        consumed_log=Path(run_dir) / f"consumed-rank{rank}.tsv",
+    )
+    if cfg.source == "cache":
+        from streamgen.cache.datamodule import CacheDataModule
+
+        pin = job.accelerator == "gpu"  # page-locked batches: the device copy is asynchronous
+        return CacheDataModule(job.cache.layout, seed=cfg.seed, batch_size=cfg.stream.batch_size, pin=pin, **common)
+    from streamgen.stream import StreamDataModule
+
+    return StreamDataModule(queue, order=cfg.stream.order, stop_requested=stop_requested, **common)

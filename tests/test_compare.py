@@ -1,0 +1,172 @@
+"""python -m streamgen.compare: runs' event files -> one figure and a table at matched budgets."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import read_scalars, write_image_folder
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from streamgen.compare import FIGURE, TABLE, main
+
+
+def fake_run(folder: Path, compute: dict[int, float], top1: dict[int, float], **config) -> Path:
+    """A run folder as train.py writes it: config.yaml and TensorBoard scalars."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"source": "stream", "generators": 1, "trainers": 1, **config}))
+    writer = SummaryWriter(str(folder))
+    for step, hours in compute.items():
+        writer.add_scalar("compute/total_gpu_hours", hours, step)
+        writer.add_scalar("data/images_seen", step * 8, step)
+    for step, value in top1.items():
+        writer.add_scalar("val/top1", value, step)
+    writer.close()
+    return folder
+
+
+def read_table(text: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the 'At matched budgets' table, as cells."""
+    section = text.split("## At matched budgets", 1)[1]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return header, rows[1:]  # rows[0] is the alignment line
+
+
+def table_rows(text: str) -> list[list[str]]:
+    return read_table(text)[1]
+
+
+def test_table_takes_each_runs_last_value_at_or_before_each_budget(tmp_path, capsys):
+    # Run a reaches 1.0 GPU-hours, run b 2.0: the budgets are fractions of 1.0 (what both reached).
+    a = fake_run(tmp_path / "a" / "version_0", {10: 0.2, 20: 0.5, 30: 0.8, 40: 1.0}, {20: 0.1, 40: 0.3})
+    b = fake_run(tmp_path / "b" / "version_0", {10: 0.1, 20: 0.4, 30: 0.75, 40: 2.0}, {10: 0.05, 30: 0.2, 40: 0.9})
+    assert main([str(a), str(b), "--out", str(tmp_path / "cmp"), "--fractions", "0.5,1"]) == 0
+    rows = table_rows((tmp_path / "cmp" / TABLE).read_text())
+    got = {(r[0], r[1]): (r[2], r[3], r[4]) for r in rows}
+    assert got == {
+        ("0.5", "a/version_0"): ("20", "160", "10.00"),  # compute 0.5 at step 20 <= 0.5
+        ("0.5", "b/version_0"): ("20", "160", "5.00"),  # its top-1 of step 10 (0.4 at step 20: none logged)
+        ("1", "a/version_0"): ("40", "320", "30.00"),
+        ("1", "b/version_0"): ("30", "240", "20.00"),  # step 40 cost 2.0: beyond the budget
+    }
+    assert Image.open(tmp_path / "cmp" / FIGURE).format == "PNG"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_linear_probes_get_a_column_and_a_panel_where_logged(tmp_path):
+    a = fake_run(tmp_path / "a" / "version_0", {10: 0.5, 20: 1.0}, {20: 0.25})
+    b = fake_run(tmp_path / "b" / "version_0", {10: 0.5, 20: 1.0}, {20: 0.5})
+    writer = SummaryWriter(str(a))
+    writer.add_scalar("probe/dtd/top1", 42.5, 10)  # streamgen.probe_callback logs percent
+    writer.close()
+    assert main([str(a), str(b), "--out", str(tmp_path / "cmp"), "--fractions", "0.5,1"]) == 0
+    header, rows = read_table((tmp_path / "cmp" / TABLE).read_text())
+    column = header.index("linear probe dtd top-1 (%)")
+    assert [(r[1], r[column]) for r in rows] == [
+        ("a/version_0", "42.50"),
+        ("b/version_0", "—"),
+        ("a/version_0", "42.50"),
+        ("b/version_0", "—"),
+    ]
+    assert [r[header.index("validation top-1 (%)")] for r in rows] == ["—", "—", "25.00", "50.00"]
+
+
+def test_a_run_still_going_is_read_as_far_as_it_got(tmp_path):
+    a = fake_run(tmp_path / "a" / "version_0", {10: 0.2, 20: 0.5}, {20: 0.1})
+    b = fake_run(tmp_path / "b" / "version_0", {10: 0.3, 20: 0.6}, {20: 0.2})
+    events = next(b.glob("events.out.tfevents.*"))
+    events.write_bytes(events.read_bytes()[:-5])  # its last record (top-1 at step 20) is being written
+    assert main([str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    rows = table_rows((tmp_path / "cmp" / TABLE).read_text())
+    assert [r[4] for r in rows if r[0] == "0.5"] == ["10.00", "—"]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such run folder"),
+        ("parent", "is not a run folder (no config.yaml): give runs/NAME/version_K; its runs are"),
+        ("no_events", "holds no TensorBoard event file yet"),
+        ("no_compute", "has no compute/total_gpu_hours yet"),
+        ("twice", "is given twice"),
+        ("out_file", "is a file: give a folder"),
+        ("out_exists", "compare.png exists: pass --overwrite"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case, message):
+    good = fake_run(tmp_path / "good" / "version_0", {10: 0.5}, {10: 0.1})
+    out = tmp_path / "cmp"
+    runs = [good]
+    if case == "missing":
+        runs = [tmp_path / "nope"]
+    elif case == "parent":
+        runs = [tmp_path / "good"]
+    elif case == "no_events":
+        (tmp_path / "started").mkdir()
+        (tmp_path / "started" / "config.yaml").write_text("source: stream\n")
+        runs = [tmp_path / "started"]
+    elif case == "no_compute":
+        writer = SummaryWriter(str(tmp_path / "old"))
+        writer.add_scalar("train/loss", 1.0, 1)
+        writer.close()
+        (tmp_path / "old" / "config.yaml").write_text("source: stream\n")
+        runs = [tmp_path / "old"]
+    elif case == "twice":
+        runs = [good, good]
+    elif case == "out_file":
+        out.write_text("")
+    elif case == "out_exists":
+        out.mkdir()
+        (out / FIGURE).write_bytes(b"mine")
+    before = set(tmp_path.rglob("*"))
+    assert main([*map(str, runs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert set(tmp_path.rglob("*")) == before  # nothing written, no folder made
+    if case == "out_exists":
+        assert main([*map(str, runs), "--out", str(out), "--overwrite"]) == 0
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_compare_a_finished_stream_and_cache_run_matches_their_event_files(train_run, tmp_path):
+    from streamgen.classes import load_classes
+
+    val = write_image_folder(tmp_path / "val", load_classes("imagenet100:10").keys, per_class=2, size=(36, 36))
+    common = ("--model", "fake", "--train.max_steps", "30", "--train.val_dir", str(val), "--train.val_every", "6")
+    common += ("--train.workers", "0", "--train.val_batch_size", "10")
+    cache = ("--source", "cache", "--cache.images", "64", "--cache.dir", str(tmp_path / "cache"))
+    for args in (("--name", "stream"), ("--name", "cache", "--generators", "2", *cache)):
+        run = train_run(*common, *args)  # one after the other: 2 cores
+        assert run.wait(300) == 0, run.output[-3000:]
+    folders = [tmp_path / "runs" / name / "version_0" for name in ("stream", "cache")]
+    out = tmp_path / "cmp"
+    assert main([*map(str, folders), "--out", str(out)]) == 0
+    assert Image.open(out / FIGURE).size[0] > 500
+
+    # The oracle: the event files read directly, each evaluation placed at the compute logged at its step.
+    scalars = [read_scalars(f) for f in folders]
+    budgets = [min(s["compute/total_gpu_hours"][-1][1] for s in scalars) * f for f in (0.25, 0.5, 0.75, 1.0)]
+    text = (out / TABLE).read_text()
+    assert "| cache/version_0 |" in text and "cache (64 images), 1 trainer(s)" in text
+    header, rows = read_table(text)
+    assert len(rows) == len(budgets) * 2
+    top1, top5 = header.index("validation top-1 (%)"), header.index("validation top-5 (%)")
+    for i, budget in enumerate(budgets):
+        for j, s in enumerate(scalars):
+            row = rows[2 * i + j]
+            assert row[1] == f"{folders[j].parent.name}/version_0" and math.isclose(float(row[0]), budget, rel_tol=1e-3)
+            compute = dict(s["compute/total_gpu_hours"])
+            for column, tag in ((top1, "val/top1"), (top5, "val/top5")):
+                assert all(step in compute for step, _ in s[tag])  # logged at every evaluation
+                within = [v for step, v in s[tag] if compute[step] <= budget * (1 + 1e-9)]
+                expected = f"{100 * within[-1]:.2f}" if within else "—"
+                assert row[column] == expected, (budget, folders[j], tag)
+    assert all(row[top1] != "—" and row[top5] != "—" for row in rows[-2:])  # both evaluated by the common budget

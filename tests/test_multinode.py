@@ -1,0 +1,97 @@
+"""Several nodes on one machine: launchers on localhost joined over gloo, as on a cluster."""
+
+import socket
+import time
+
+import pytest
+import torch
+from conftest import read_consumed
+
+FAST = ("--model", "fake", "--train.log_every", "2")
+
+
+def free_port_pair() -> int:
+    """A port P with P and P + 1 free (the trainers' DDP group and the launchers' store)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                with socket.socket() as b:
+                    b.bind(("127.0.0.1", port + 1))
+                    return port
+            except OSError:
+                continue
+    raise RuntimeError("no free pair of ports")
+
+
+def start_nodes(train_run, nodes: int, *args: str, port: int | None = None, extra: dict | None = None) -> list:
+    port = port or free_port_pair()
+    runs = []
+    for rank in range(nodes):
+        flags = ["--dist.nodes", str(nodes), "--dist.node_rank", str(rank)]
+        flags += ["--dist.master_addr", "127.0.0.1", "--dist.master_port", str(port)]
+        runs.append(train_run(*FAST, *flags, *args, *(extra or {}).get(rank, ())))
+    return runs
+
+
+def run_folder(tmp_path, name: str):
+    return tmp_path / "runs" / name / "version_0"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_two_nodes_consume_exactly_the_units_one_node_would(train_run, tmp_path):
+    args = ("--generators", "2", "--trainers", "1", "--train.max_steps", "6", "--train.checkpoint_every", "3")
+    nodes = start_nodes(train_run, 2, *args, "--name", "two")
+    for node in nodes:
+        assert node.wait(300) == 0, node.output[-3000:]
+    folder = run_folder(tmp_path, "two")
+    per_rank = {r: [u for _, u in read_consumed(folder, r)] for r in (0, 1)}
+    assert per_rank[0] == [0, 2, 4, 6, 8, 10] and per_rank[1] == [1, 3, 5, 7, 9, 11]  # in order, no overlap
+    state = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["StreamDataModule"]
+    assert sorted(c["rank"] for c in state["cursors"]) == [0, 1] and state["world"] == 2
+
+    one = train_run(*FAST, "--generators", "2", "--trainers", "2", "--train.max_steps", "6", "--name", "one")
+    assert one.wait(300) == 0, one.output[-3000:]
+    single = run_folder(tmp_path, "one")
+    assert {r: [u for _, u in read_consumed(single, r)] for r in (0, 1)} == per_rank
+
+    # resume the 2-node run from its step-3 checkpoint: it continues exactly
+    ckpt = folder / "checkpoints" / "step0000003.ckpt"
+    resumed = start_nodes(train_run, 2, *args, "--name", "two", "--resume", str(ckpt))
+    for node in resumed:
+        assert node.wait(300) == 0, node.output[-3000:]
+    again = run_folder(tmp_path, "two").parent / "version_1"
+    for r in (0, 1):
+        assert [u for _, u in read_consumed(again, r)] == per_rank[r][3:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_killed_node_stops_the_other_within_the_timeout(train_run):
+    nodes = start_nodes(
+        train_run, 2, "--generators", "1", "--trainers", "1", "--train.max_steps", "100000", "--dist.timeout", "15"
+    )
+    for node in nodes:
+        node.wait_for(" step=", 200)  # the first progress line
+    time.sleep(2)
+    nodes[1].kill_group()  # node 1's launcher and everything it started, at once
+    started = time.monotonic()
+    code = nodes[0].wait(60)
+    assert code not in (0, None) and time.monotonic() - started < 45, nodes[0].output[-3000:]
+    assert "node 1" in nodes[0].output
+    deadline = time.monotonic() + 10
+    while nodes[0].processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not nodes[0].processes(), "a process of the surviving node outlived it"
+
+
+@pytest.mark.timeout(180)
+def test_nodes_with_different_configs_are_refused_before_training(train_run, tmp_path):
+    nodes = start_nodes(train_run, 2, "--train.max_steps", "5", extra={1: ("--train.lr", "0.2")})
+    for node in nodes:
+        assert node.wait(120) == 2, node.output[-2000:]
+    assert "train.lr is 0.2 there and 0.1 here" in nodes[0].output
+    assert not (tmp_path / "runs").exists()
+
