@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10000, help="training features (the test set is a quarter of it)")
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--tol", type=float, default=1e-4, help="gradient tolerance of both solvers")
+    parser.add_argument("--tol", type=float, default=1e-6, help="gradient tolerance of both solvers (trex: 1e-4)")
     parser.add_argument("--max_iter", type=int, default=1000, help="L-BFGS iterations per fit, both solvers")
     parser.add_argument("--device", default="cpu", help="device of streamgen's solver (cuda when you have one)")
     parser.add_argument("--quick", action="store_true", help="streamgen's solver only")

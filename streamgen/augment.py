@@ -221,8 +221,9 @@ class MultiCrop(torch.nn.Module):
 
     The t-ReX recipe (naver/trex ``multi_crop.py``): bicubic RandomResizedCrop, flip (p 0.5),
     colour jitter (0.4, 0.4, 0.2, 0.1; p 0.8), grayscale (p 0.2), Gaussian blur (sigma 0.1-2
-    px), solarise (globals only). The blur probabilities default to t-ReX's code (0.2 global,
-    0.5 local); DINO's first global view uses 1.0. Each group of crops is one call on the
+    px), solarise (globals only). Blur probabilities: 1.0 on global crops and 0.5 on local
+    ones, as the project's recipe issue specifies (DINO's first global view; naver/trex's
+    ``multi_crop.py`` uses 0.2 on its global crop: pass ``global_blur_p=0.2`` for that). Each group of crops is one call on the
     images repeated ``count`` times, so every crop of every image draws its own parameters.
     kornia does the crop, flip, grayscale, blur and solarisation; the colour jitter is
     `RandomColorJitter`. Differences from the per-image torchvision recipe: the jitter steps'
@@ -239,7 +240,7 @@ class MultiCrop(torch.nn.Module):
         local_crops: int = 8,
         global_scale: tuple[float, float] = (0.25, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.25),
-        global_blur_p: float = 0.2,
+        global_blur_p: float = 1.0,
         local_blur_p: float = 0.5,
         solarize_p: float = 0.2,
     ) -> None:

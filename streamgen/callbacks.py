@@ -27,10 +27,10 @@ There is no ``epoch`` tag (the stream has no epochs).
 Smoothing: TensorBoard smooths every scalar in the browser and cannot be told not to per tag.
 So integer counts are logged so that smoothing cannot invent a state: the queue is logged as
 a fill fraction averaged over the window (a smoothed average is still an average), counters
-only grow (read them with smoothing 0 or the tooltip's "Value"). Group order: TensorBoard
-sorts tag groups alphabetically; ``stream``, ``train``, ``val`` sort before ``workers``, and
-the **Custom Scalars** page shows the curated overview in the order train, stream, val,
-probe, devices.
+only grow (read them with smoothing 0 or the tooltip's "Value"). Group order: the Time Series
+page sorts tag groups alphabetically (and opens only the first ones), which no log can change;
+the devices go under ``workers`` to sort after ``stream``, ``train`` and ``val``. The **Custom
+Scalars** page is the curated overview, in the order train, stream, val, probe, compute, devices.
 
 The terminal (`StepProgressBar`): one bar in global steps with loss, top-1, images/s, wait
 fraction and ETA on a terminal; when stdout is not a terminal (SLURM, nohup, a pipe), one
@@ -65,7 +65,7 @@ from streamgen.queue import FILLED, SlotQueue
 PREVIEW_IMAGES = 16
 CAPTION_MIN_TILE = 128  # smaller stream images are enlarged (nearest, a whole factor) to this
 DESCRIPTIONS = {
-    "train/loss": "cross-entropy (with label smoothing) on the stream batch of rank 0",
+    "train/loss": "training loss (cross-entropy, train.label_smoothing) on the stream batch of rank 0",
     "train/top1_stream": "top-1 on the stream batch of rank 0, before the update (images never seen before)",
     "train/lr": "SGD learning rate after warm-up/cosine; config train.lr is per 256 images, scaled to the global batch",
     "stream/trainer_wait_fraction": "share of rank 0's wall time spent blocked waiting for data: 0 fed, 1 starved",
@@ -80,12 +80,13 @@ DESCRIPTIONS = {
 def quiet_libraries() -> None:
     """Silence what Lightning and torch print that is not a warning, at the source.
 
-    Lightning's informational messages (tips, the GPU/TPU banners, "`Trainer.fit` stopped")
-    go through one logger; its warnings go through ``warnings`` and stay. One known
+    Lightning's informational messages (tips, the GPU/TPU and "LOCAL_RANK" banners,
+    "Initializing distributed", "`Trainer.fit` stopped") go through its two loggers at INFO;
+    its warnings go through ``warnings`` (and its loggers at WARNING) and stay. One known
     deprecation from inside Lightning 2.6 (torch's ``LeafSpec``), not ours to fix, is muted.
     """
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
@@ -192,7 +193,11 @@ def dashboard_layout(slots: int, lr: float, peak_lr: float, generators: int) -> 
         },
         "3 val": {"real images": ["Multiline", [r"val/.*"]]},
         "4 probe": {"linear probes": ["Multiline", [r"probe/.*"]]},
-        "5 devices": {
+        "5 compute": {
+            "GPU-hours held (generators, trainers, total)": ["Multiline", [r"compute/.*gpu_hours"]],
+            "images seen and unique images": ["Multiline", [r"data/.*"]],
+        },
+        "6 devices": {
             "GPU utilisation (%)": ["Multiline", [r"workers/.*_gpu_util"]],
             "GPU memory (GiB)": ["Multiline", [r"workers/.*_gpu_memory_gib"]],
         },
@@ -463,7 +468,7 @@ class StepProgressBar(ProgressBar):
 
         width_known = shutil.get_terminal_size((0, 0)).columns > 0  # a bare pty reports 0 columns
         self._bar = tqdm(
-            total=trainer.max_steps,
+            total=trainer.max_steps if trainer.max_steps > 0 else None,
             initial=trainer.global_step,
             desc="train",
             unit="step",
@@ -506,7 +511,7 @@ class StepProgressBar(ProgressBar):
 
     def _eta(self, trainer: L.Trainer) -> str:
         rate = self.monitor.latest.get("steps_per_s", 0.0)
-        if rate <= 0:
+        if rate <= 0 or trainer.max_steps <= 0:
             return "?"
         return str(dt.timedelta(seconds=round((trainer.max_steps - trainer.global_step) / rate)))
 

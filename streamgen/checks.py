@@ -210,7 +210,9 @@ def check_run_folder(out: str, name: str) -> None:
     try:  # access() says yes to root on read-only or virtual filesystems (/proc): try for real
         os.rmdir(tempfile.mkdtemp(prefix=".streamgen-write-test-", dir=existing))
     except OSError as e:
-        raise UsageError(f"--out {out}: cannot create folders in {existing} ({e.strerror}); choose another --out") from None
+        raise UsageError(
+            f"--out {out}: cannot create folders in {existing} ({e.strerror}); choose another --out"
+        ) from None
 
 
 def check_resume_model(path: str, train: TrainConfig) -> None:
@@ -224,8 +226,9 @@ def check_resume_model(path: str, train: TrainConfig) -> None:
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict):
         return
+    defaults = {"head": "linear"}  # checkpoints from before the t-ReX head have a linear one
     for key in ("arch", "head"):
-        saved, wanted = hparams.get(key), getattr(train, key, None)
+        saved, wanted = hparams.get(key, defaults.get(key)), getattr(train, key, None)
         if saved is not None and wanted is not None and saved != wanted:
             raise UsageError(
                 f"--resume {path}: the checkpoint's network has --train.{key} {saved}, this run's {wanted}; "

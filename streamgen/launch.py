@@ -154,8 +154,20 @@ class _Terminate(Exception):
     pass
 
 
-def _on_sigterm(signum, frame) -> None:
-    raise _Terminate()
+class _Interrupts:
+    """The launcher's handler of SIGINT and SIGTERM. The first asks for a stop with a checkpoint;
+    the second stops at once and ignores any further one (the cleanup, seconds, must not be cut
+    short: Ctrl-C pressed three times is still one clean stop)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, signum, frame) -> None:
+        self.count += 1
+        if self.count >= 2:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt() if signum == signal.SIGINT else _Terminate()
 
 
 def log(message: str) -> None:
@@ -191,9 +203,10 @@ def _children_without_interrupts():
 def run(job: Job, group: NodeGroup | None = None) -> int:
     """Run the job on this node; ``group`` joins it to the other nodes' launchers (several nodes)."""
     cfg = job.cfg
-    previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+    interrupts = _Interrupts()
+    previous_sigterm = signal.signal(signal.SIGTERM, interrupts)
     # Explicitly: a shell without job control starts background jobs with SIGINT ignored.
-    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_sigint = signal.signal(signal.SIGINT, interrupts)
     control = StopControl()  # the trainers' stop request (Ctrl-C, SIGTERM): stop, save, exit
     beats = Heartbeats(cfg.trainers)  # each rank's last sign of progress, for the trainer watchdog
     supervisor: Supervisor | None = None
@@ -245,7 +258,7 @@ def run(job: Job, group: NodeGroup | None = None) -> int:
         signal.signal(signal.SIGINT, previous_sigint)
         signal.signal(signal.SIGTERM, previous_sigterm)
     if status == 0:
-        log(f"done: {cfg.train.max_steps} steps; checkpoints in {run_dir / 'checkpoints'}")
+        log(f"done; checkpoints in {run_dir / 'checkpoints'}")  # max_steps, or the budget, or a stop
     return status
 
 
@@ -399,6 +412,9 @@ def _supervise(
         if any(c not in (None, 0) for c in codes):
             bad = next(i for i, c in enumerate(codes) if c not in (None, 0))
             message = f"trainer rank {first_rank + bad} failed (exit status {codes[bad]})"
+            lost = group.name_the_lost_peer() if group is not None else None
+            if lost is not None:  # the rank failed because another node went: say which
+                message = f"{lost}; {message}"
             log(f"{message}: stopping")
             supervisor.close_queues(message)
             if group is not None:

@@ -252,9 +252,11 @@ class NodeGroup:
     def _has(self, key: str) -> bool:
         return self.store.check([key])
 
-    def lost_peer(self, force: bool = False) -> str | None:
-        """One line naming a node that failed or stopped beating, or None; checked every 2 s."""
+    def lost_peer(self, force: bool = False, stale_after: float | None = None) -> str | None:
+        """One line naming a node that failed or stopped beating for ``stale_after`` seconds
+        (default ``dist.timeout``), or None; checked at most every 2 s unless ``force``."""
         now = time.monotonic()
+        stale_after = self.timeout if stale_after is None else stale_after
         if not force and now - self._last_check < 2.0:
             return None
         self._last_check = now
@@ -268,10 +270,21 @@ class NodeGroup:
                 seen, since = self._beats.get(peer, (-1, now))
                 if count != seen:
                     self._beats[peer] = (count, now)
-                elif now - since > self.timeout:
+                elif now - since > stale_after:
                     return f"lost node {peer}: no heartbeat for {now - since:.0f} s"
         except Exception:
             return "lost node 0: its launcher is unreachable"
+        return None
+
+    def name_the_lost_peer(self, within: float = 10.0) -> str | None:
+        """After a broken collective: which node went? Launchers beat every second, so a few
+        seconds of silence right after the break names it (None if every node still beats)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            lost = self.lost_peer(force=True, stale_after=min(5.0, self.timeout))
+            if lost is not None:
+                return lost
+            time.sleep(0.5)
         return None
 
     def close(self) -> None:

@@ -72,9 +72,9 @@ class LinearProbe(L.Callback):
         for name, _ in self.probes:
             train, test = self._splits[name]
             x_train, x_test = self._features(trainer, pl_module, train), self._features(trainer, pl_module, test)
-            self.beat()
-            results = probe_features(x_train, dataset_targets(train), x_test, dataset_targets(test), seeds=1)
-            self.beat()
+            results = probe_features(
+                x_train, dataset_targets(train), x_test, dataset_targets(test), seeds=1, on_eval=self.beat
+            )
             self.last[name] = {"top1": results[0].top1, "C": results[0].C, "step": step}
             metrics[f"probe/{name}/top1"] = results[0].top1
             metrics[f"probe/{name}/C"] = results[0].C

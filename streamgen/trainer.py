@@ -192,7 +192,10 @@ def build_probe(spec: TrainerSpec):
     from streamgen.transfer import parse_probes
 
     t = spec.job.cfg.train
-    return LinearProbe(parse_probes(t.probes), t.probe_every, t.crop, t.probe_subset, t.val_batch_size, t.workers)
+    beat = spec.pulse.beat if spec.pulse is not None else None  # a probe is progress for the trainer watchdog
+    return LinearProbe(
+        parse_probes(t.probes), t.probe_every, t.crop, t.probe_subset, t.val_batch_size, t.workers, beat=beat
+    )
 
 
 def build_trainer(spec: TrainerSpec, logger, callbacks: list):

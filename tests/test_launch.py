@@ -121,7 +121,11 @@ def _resume_with_another_arch(tmp: Path) -> list[str]:
     from streamgen.stream import STATE_FORMAT
 
     cfg = parse_config(["--config", str(ROOT / "configs/smoke.yaml")])
-    state = {"format": STATE_FORMAT, **run_meta(cfg, load_classes(cfg.classes)), "cursors": [UnitCursor(0, 1).state_dict()]}
+    state = {
+        "format": STATE_FORMAT,
+        **run_meta(cfg, load_classes(cfg.classes)),
+        "cursors": [UnitCursor(0, 1).state_dict()],
+    }
     path = tmp / "resnet50.ckpt"
     torch.save({"StreamDataModule": state, "hyper_parameters": {"arch": "resnet50"}}, path)
     return ["--resume", str(path)]
@@ -134,7 +138,10 @@ BAD_VALUES = {  # every value a user can get wrong, each found before anything s
     "lr -1": (lambda t: ["--train.lr", "-1"], "--train.lr must be >= 0"),
     "lr 0": (lambda t: ["--train.lr", "0"], "--train.lr must be > 0"),
     "lr nan": (lambda t: ["--train.lr", "nan"], "--train.lr must be a finite number"),
-    "arch typo": (lambda t: ["--train.arch", "resnet5O"], "not a torchvision classification model (did you mean resnet50?)"),
+    "arch typo": (
+        lambda t: ["--train.arch", "resnet5O"],
+        "not a torchvision classification model (did you mean resnet50?)",
+    ),
     "precision": (lambda t: ["--train.precision", "17-mixed"], "'17-mixed' is not a Lightning precision"),
     "seed 2**70": (lambda t: ["--seed", str(2**70)], "--seed must be below 2**63"),
     "workers -1": (lambda t: ["--train.workers", "-1"], "--train.workers must be >= 0"),
@@ -146,7 +153,10 @@ BAD_VALUES = {  # every value a user can get wrong, each found before anything s
     "generator batch 0": (lambda t: ["--generator.batch_size", "0"], "--generator.batch_size must be at least 1"),
     "resume other arch": (_resume_with_another_arch, "network has --train.arch resnet50, this run's resnet18"),
     "model index only": (_model_index_only, "has no unet/config.json: the download looks incomplete"),
-    "out in /proc": (lambda t: ["--out", "/proc/streamgen-x"], "--out /proc/streamgen-x: cannot create folders in /proc"),
+    "out in /proc": (
+        lambda t: ["--out", "/proc/streamgen-x"],
+        "--out /proc/streamgen-x: cannot create folders in /proc",
+    ),
     "out is a file": (lambda t: ["--out", _file(t, "afile", "x")], "is a file, not a folder"),
     "name escapes": (lambda t: ["--name", "../../x"], "--name '../../x' must be a plain folder name"),
     "name absolute": (lambda t: ["--name", "/tmp/x"], "must be a plain folder name"),
@@ -201,6 +211,23 @@ def test_bad_input_never_shows_a_traceback(tmp_path, args):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_launchers_starting_at_once_get_distinct_run_folders(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from streamgen.launch import make_run_dir
+
+    barrier = Barrier(12)
+
+    def make(_):
+        barrier.wait()  # all look for the next free version at the same moment
+        return make_run_dir(str(tmp_path / "runs"), "race").name
+
+    with ThreadPoolExecutor(12) as pool:
+        names = list(pool.map(make, range(12)))
+    assert sorted(names, key=lambda n: int(n.split("_")[1])) == [f"version_{k}" for k in range(12)]
 
 
 def _has_xformers() -> bool:
@@ -268,7 +295,13 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_loses_no_step(train_run, tm
     assert 0 < step < 1000  # written by the stop, not by a periodic checkpoint
 
     again = train_run(
-        *args, "--train.max_steps", str(step + 5), "--name", "pre-empted", "--resume", str(first / "checkpoints/last.ckpt")
+        *args,
+        "--train.max_steps",
+        str(step + 5),
+        "--name",
+        "pre-empted",
+        "--resume",
+        str(first / "checkpoints/last.ckpt"),
     )
     assert again.wait(240) == 0, again.output[-3000:]
     before, after = read_consumed(first), read_consumed(tmp_path / "runs" / "pre-empted" / "version_1")
@@ -292,7 +325,9 @@ def tmpdir_on_its_own_filesystem(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_sigterm_while_a_large_checkpoint_is_written_leaves_it_complete(train_run, tmp_path, tmpdir_on_its_own_filesystem):
+def test_sigterm_while_a_large_checkpoint_is_written_leaves_it_complete(
+    train_run, tmp_path, tmpdir_on_its_own_filesystem
+):
     shm_before = shm_entries()
     # resnet50 checkpoints are ~190 MB and one is written after every step: the signal lands in a write.
     run = train_run(
@@ -320,7 +355,16 @@ def test_sigterm_while_a_large_checkpoint_is_written_leaves_it_complete(train_ru
     from streamgen.checks import prepare
     from streamgen.config import parse_config
 
-    resumed = ["--out", str(tmp_path / "check"), "--model", "fake", "--train.arch", "resnet50", "--resume", str(checkpoints / "last.ckpt")]
+    resumed = [
+        "--out",
+        str(tmp_path / "check"),
+        "--model",
+        "fake",
+        "--train.arch",
+        "resnet50",
+        "--resume",
+        str(checkpoints / "last.ckpt"),
+    ]
     job = prepare(parse_config(["--config", str(ROOT / "configs/smoke.yaml"), *resumed]))
     assert next(job.cursors[0].pending()) == step  # the resumed stream starts at the next unit
 
@@ -347,17 +391,19 @@ def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_good_checkpo
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_ctrl_c_twice_stops_at_once_without_a_traceback(train_run):
+def test_ctrl_c_three_times_stops_at_once_without_a_traceback(train_run):
     shm_before = shm_entries()
     run = train_run(*FAST, "--generators", "2", "--train.max_steps", "100000")
     run.wait_for(PROGRESS, 180)
     os.killpg(run.proc.pid, signal.SIGINT)  # as a terminal does: to every process of the group
     run.wait_for("Ctrl-C again stops at once", 10)
     os.killpg(run.proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(run.proc.pid, signal.SIGINT)  # the impatient third press changes nothing
     started = time.monotonic()
     assert run.wait(30) == 130, run.output[-2000:]
     assert time.monotonic() - started < 15  # no checkpoint waited for: seconds (cleanup is bounded)
-    assert "interrupted again: stopping at once, without a checkpoint" in run.output
+    assert run.output.count("interrupted again: stopping at once, without a checkpoint") == 1
     assert "Traceback" not in run.output and "KeyboardInterrupt" not in run.output
     assert_nothing_left(run, shm_before)
 

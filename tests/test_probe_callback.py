@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torchvision
 from conftest import ROOT, descendants, read_consumed, read_scalars
 from test_probe import draw_shapes
 
 from streamgen.launch import main
-from streamgen.probe_callback import interleave
+from streamgen.probe_callback import LinearProbe, interleave
 
 FAST = ("--model", "fake", "--generators", "1", "--train.workers", "0")
 
@@ -36,6 +38,39 @@ def test_interleave_puts_each_ranks_share_back_in_dataset_order():
         mine = rows[r::world]
         shares.append(torch.cat([mine, torch.full((3 - len(mine), 2), -1.0)]))
     assert torch.equal(interleave(shares, n), rows)
+
+
+class FakeLogger:
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.logged.append((step, metrics))
+
+
+def fake_trainer(step: int) -> SimpleNamespace:
+    return SimpleNamespace(global_step=step, global_rank=0, world_size=1, is_global_zero=True, loggers=[FakeLogger()])
+
+
+@pytest.mark.timeout(120)
+def test_the_callback_probes_every_n_steps_beats_and_logs(shapes):
+    torch.manual_seed(0)
+    net = torch.nn.Module()  # a LightningModule's shape: the network is .net
+    net.net = torchvision.models.resnet18(num_classes=3)
+    beats = []
+    callback = LinearProbe(
+        [("folder", str(shapes))], every=4, crop=32, subset=3, workers=0, beat=lambda: beats.append(1)
+    )
+    callback.setup(None, net, "fit")
+    for step in (1, 2, 3, 5):
+        callback.on_train_batch_end(trainer := fake_trainer(step), net, None, None, step - 1)
+        assert not trainer.loggers[0].logged and not beats  # not a probe step
+    callback.on_train_batch_end(trainer := fake_trainer(8), net, None, None, 7)
+    ((step, metrics),) = trainer.loggers[0].logged
+    assert step == 8 and set(metrics) == {"probe/folder/top1", "probe/folder/C", "probe/seconds"}
+    assert callback.last["folder"] == {"top1": metrics["probe/folder/top1"], "C": metrics["probe/folder/C"], "step": 8}
+    assert len(beats) > 10  # while extracting and at every loss evaluation of the fits
+    assert net.net.training  # back in training mode
 
 
 @pytest.mark.parametrize(
@@ -83,7 +118,7 @@ def test_two_ranks_share_the_extraction_and_lose_no_stream_sample(train_run, tmp
     assert run.wait(360) == 0, run.output[-3000:]
     folder = run_dir(tmp_path)
     scalars = read_scalars(folder)
-    assert [step for step, _ in scalars["probe/folder/top1"]] == [5, 10]
+    assert [step for step, _ in scalars["probe/folder/top1"]] == [5, 10]  # logged once, by rank 0
     rank0, rank1 = ([u for _, u in read_consumed(folder, r)] for r in (0, 1))
     assert rank0 == list(range(0, 20, 2)) and rank1 == list(range(1, 20, 2))  # none lost, none repeated
     # The step-10 probe ran on the weights saved in last.ckpt: one process, all images, must agree.
