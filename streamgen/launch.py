@@ -331,6 +331,7 @@ def _build_supervisor(job: Job) -> Supervisor:
         hang_timeout=cfg.stream.hang_timeout,
         startup_timeout=cfg.stream.startup_timeout,
         log=log,
+        spawn_guard=_children_without_interrupts,
     )
 
 

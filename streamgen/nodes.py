@@ -93,7 +93,7 @@ def resolve_placement(dist, env: dict[str, str] | None = None) -> Placement:
         source = "flags"
     elif in_slurm:
         source = "slurm"
-    elif "WORLD_SIZE" in env and "NODE_RANK" in env:
+    elif "WORLD_SIZE" in env and ("NODE_RANK" in env or "GROUP_RANK" in env):
         source = "torchrun"
     else:
         source = "single"
@@ -101,14 +101,26 @@ def resolve_placement(dist, env: dict[str, str] | None = None) -> Placement:
     if nodes is None:
         nodes = {"slurm": _int_env(env, "SLURM_NNODES"), "torchrun": _int_env(env, "WORLD_SIZE")}.get(source, 1)
     node_rank = dist.node_rank
+    if node_rank is None and in_slurm:
+        node_rank = _int_env(env, "SLURM_NODEID")
     if node_rank is None:
-        node_rank = _int_env(env, "SLURM_NODEID") if in_slurm else _int_env(env, "NODE_RANK")
+        node_rank = _int_env(env, "NODE_RANK")
+    if node_rank is None:
+        node_rank = _int_env(env, "GROUP_RANK")  # torchrun's name for it
     if node_rank is None:
         node_rank = 0
     master_addr = dist.master_addr or env.get("MASTER_ADDR")
     if master_addr is None and in_slurm and env.get("SLURM_JOB_NODELIST"):
         master_addr = slurm_first_host(env["SLURM_JOB_NODELIST"])
     master_port = dist.master_port or _int_env(env, "MASTER_PORT") or DEFAULT_PORT
+    under_torchrun = "TORCHELASTIC_RUN_ID" in env
+    if under_torchrun:
+        if (_int_env(env, "LOCAL_WORLD_SIZE") or 1) != 1:
+            raise UsageError(
+                "torchrun: start one launcher per node (--nproc_per_node 1); train.py starts its own processes"
+            )
+        if dist.master_port is None:
+            master_port += 1  # torchrun's own store listens on MASTER_PORT
     if nodes < 1:
         raise UsageError(f"the run needs at least 1 node (got {nodes} from {source})")
     if not 0 <= node_rank < nodes:
@@ -181,7 +193,9 @@ class NodeGroup:
         except Exception as e:  # DistNetworkError, RuntimeError: unreachable or port taken
             where = f"{p.master_addr}:{p.store_port}"
             if p.node_rank == 0:
-                raise UsageError(f"node 0 cannot listen on {where} ({type(e).__name__}): pick another --dist.master_port") from None
+                raise UsageError(
+                    f"node 0 cannot listen on {where} ({type(e).__name__}): pick another --dist.master_port"
+                ) from None
             raise UsageError(
                 f"node {p.node_rank} cannot reach node 0 at {where} within {self.timeout:.0f} s: "
                 "check --dist.master_addr/--dist.master_port and that node 0 has started"
@@ -212,7 +226,9 @@ class NodeGroup:
             self.store.wait([key], timedelta(seconds=self.timeout))
             return self.store.get(key)
         except Exception:
-            raise UsageError(f"{what} within {self.timeout:.0f} s; is train.py running there with the same --dist flags?") from None
+            raise UsageError(
+                f"{what} within {self.timeout:.0f} s; is train.py running there with the same --dist flags?"
+            ) from None
 
     def share(self, key: str, value: str | None = None) -> str:
         """Node 0 publishes ``value`` under ``key``; every node returns node 0's value."""

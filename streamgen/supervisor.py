@@ -27,6 +27,7 @@ hung generator is dead (joined) before its slot is reclaimed, so it cannot commi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import multiprocessing as mp
@@ -151,8 +152,10 @@ class Supervisor:
         hang_floor: float = HANG_FLOOR,
         worker: Callable = worker_main,
         log: Callable[[str], None] = print,
+        spawn_guard: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         self.spec, self.worker, self.log = spec, worker, log
+        self.spawn_guard = spawn_guard  # the context every generator (restarts too) is started in
         self.max_restarts, self.restart_backoff, self.restart_window = max_restarts, restart_backoff, restart_window
         self.hang_timeout, self.startup_timeout, self.hang_floor = hang_timeout, startup_timeout, hang_floor
         self.freed = Doorbell()  # consumers ring it when they free a slot
@@ -185,9 +188,12 @@ class Supervisor:
         g.process = SPAWN.Process(
             target=self.worker, args=(spec, child, self.queues, self.stats), name=f"streamgen-generator{g.index}"
         )
-        g.process.start()
-        child.close()
         g.conn, g.ready, g.job, g.restart_at = parent, False, None, None
+        try:
+            with self.spawn_guard():  # the launcher's: children never see its Ctrl-C
+                g.process.start()
+        finally:
+            child.close()
         g.started_at, g.hung = time.monotonic(), ""
 
     def close_queues(self, reason: str) -> None:
@@ -207,7 +213,8 @@ class Supervisor:
                     pass
         deadline = time.monotonic() + grace
         for g in self.generators:
-            if g.process is None:
+            if g.process is None or g.process.pid is None:  # never started (interrupted spawn)
+                g.process = None
                 continue
             g.process.join(max(0.0, deadline - time.monotonic()))
             if g.process.is_alive():

@@ -93,4 +93,3 @@ def test_nodes_with_different_configs_are_refused_before_training(train_run, tmp
         assert node.wait(120) == 2, node.output[-2000:]
     assert "train.lr is 0.2 there and 0.1 here" in nodes[0].output
     assert not (tmp_path / "runs").exists()
-

@@ -87,7 +87,10 @@ def _join_all(configs: list[dict], port: int, timeout: float = 20) -> list:
 @pytest.mark.timeout(60)
 def test_nodes_with_the_same_config_join_and_share_the_run_folder():
     config = {"seed": 0, "dist": {"nodes": 2, "node_rank": None}, "train": {"lr": 0.1}}
-    a, b = _join_all([dict(config, dist={"nodes": 2, "node_rank": 0}), dict(config, dist={"nodes": 2, "node_rank": 1})], free_port() - 1)
+    a, b = _join_all(
+        [dict(config, dist={"nodes": 2, "node_rank": 0}), dict(config, dist={"nodes": 2, "node_rank": 1})],
+        free_port() - 1,
+    )
     assert isinstance(a, NodeGroup) and isinstance(b, NodeGroup)
     shared = {}
     reader = threading.Thread(target=lambda: shared.setdefault("b", b.share("run_dir")))
@@ -134,3 +137,19 @@ def test_a_failed_peer_is_named_with_its_reason():
     a, b = _join_all([{}, {}], free_port() - 1)
     b.report_failure("trainer rank 1 failed")
     assert a.lost_peer(force=True) == "node 1 failed: trainer rank 1 failed"
+
+
+def test_under_torchrun_one_launcher_per_node_and_its_port_left_to_it():
+    env = {
+        "WORLD_SIZE": "2",
+        "GROUP_RANK": "1",
+        "RANK": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "n0",
+        "MASTER_PORT": "29500",
+        "TORCHELASTIC_RUN_ID": "x",
+    }
+    p = resolve_placement(DistConfig(), env=env)
+    assert (p.nodes, p.node_rank, p.master_addr, p.master_port) == (2, 1, "n0", 29501)
+    with pytest.raises(UsageError, match="--nproc_per_node 1"):
+        resolve_placement(DistConfig(), env={**env, "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "16"})

@@ -189,14 +189,14 @@ def test_two_runs_of_one_config_consume_the_same_units_at_the_same_steps(train_r
 
     from streamgen.generator import FAULT_ENV
 
-    args = ("--generators", "2", "--train.max_steps", "12", "--train.log_every", "1")  # the tiny SD model
+    args = ("--generators", "2", "--train.max_steps", "8", "--train.log_every", "1")  # the tiny SD model
     first = train_run(*args, "--name", "a")
     assert first.wait(240) == 0, first.output[-2000:]
-    second = train_run(*args, "--name", "b", "--stream.restart_backoff", "0.5", env={FAULT_ENV: "kill:0:3"})
+    second = train_run(*args, "--name", "b", "--stream.restart_backoff", "0.5", env={FAULT_ENV: "kill:0:2"})
     assert second.wait(240) == 0, second.output[-2000:]
     assert "generator 0 (cpu) died" in second.output
     a, b = (tmp_path / "runs" / name / "version_0" for name in "ab")
-    assert read_consumed(a) == read_consumed(b) == [(step, step) for step in range(12)]
+    assert read_consumed(a) == read_consumed(b) == [(step, step) for step in range(8)]
     loss_a, loss_b = read_scalars(a)["train/loss"], read_scalars(b)["train/loss"]
-    assert [s for s, _ in loss_a] == [s for s, _ in loss_b] == list(range(1, 13))
+    assert [s for s, _ in loss_a] == [s for s, _ in loss_b] == list(range(1, 9))
     assert [v for _, v in loss_a] == pytest.approx([v for _, v in loss_b], rel=1e-5)

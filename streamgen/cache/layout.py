@@ -8,11 +8,13 @@ resolution, losslessly (the uint8 pixels the stream would deliver). It is stored
                                 then int64 sample ids [n], back to back (memory-mapped by readers)
     DIR/progress.json           the build's running state: fingerprint, device-seconds so far,
                                 sha256 of every finished shard (rewritten atomically)
+    DIR/progress-node{k}.json   the same, of node k, when N nodes build one cache (node k makes
+                                the shards s with s % N == k; no two nodes write the same file)
     DIR/manifest.json           written last, atomically, once every shard exists
 
-A shard is written to ``.shard-XXXXXX.tmp`` in the same folder, flushed, fsynced and renamed,
-so "which units exist" is the list of ``shard-*.bin`` files: a killed build resumes by making
-only the missing shards.
+A shard is written to ``.shard-XXXXXX.{writer}.tmp`` (a name of its writer alone: node and
+pid) in the same folder, flushed, fsynced and renamed, so "which units exist" is the list of
+``shard-*.bin`` files: a killed build resumes by making only the missing shards.
 
 The size: ``--cache.images N``, or ``--cache.scale S`` = S x the class set's real training-set
 size: the sum of ``--class_counts`` when given, else ImageNet-1K's train split (1,281,167
@@ -118,8 +120,9 @@ class Layout:
     def shard_path(self, shard: int) -> Path:
         return Path(self.dir) / self.shard_name(shard)
 
-    def temp_path(self, shard: int) -> Path:
-        return Path(self.dir) / f".shard-{shard:06d}.tmp"
+    def temp_path(self, shard: int, writer: str) -> Path:
+        """The shard's file while ``writer`` (unique to one process of one node) fills it."""
+        return Path(self.dir) / f".shard-{shard:06d}.{writer}.tmp"
 
     def present(self) -> list[int]:
         """Shards that exist complete (their final name, their full size)."""
@@ -209,6 +212,26 @@ def read_progress(folder: str | Path) -> dict[str, Any] | None:
     return read_json(Path(folder) / PROGRESS)
 
 
+def node_shards(shards: list[int], nodes: int, node_rank: int) -> list[int]:
+    """The shards node ``node_rank`` of ``nodes`` makes: ``s % nodes == node_rank`` (disjoint, balanced)."""
+    return [s for s in shards if s % nodes == node_rank]
+
+
+def progress_name(nodes: int, node_rank: int) -> str:
+    """The build progress file of one node (``progress.json`` when a single node builds)."""
+    return PROGRESS if nodes == 1 else f"progress-node{node_rank}.json"
+
+
+def all_progress(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """Every build progress file in the folder (single-node and per-node builds), by file name."""
+    found = {}
+    for path in sorted(Path(folder).glob("progress*.json")):
+        state = read_json(path)
+        if state is not None:
+            found[path.name] = state
+    return found
+
+
 # -- the checks before anything starts -------------------------------------------------------
 
 
@@ -239,9 +262,9 @@ def check_cache(cfg: RunConfig, class_fingerprint: str, counts: np.ndarray | Non
     layout = layout_for(cfg, images)
     want = fingerprint(cfg, class_fingerprint, counts, images)
     manifest = read_manifest(folder) if folder.is_dir() else None
-    recorded = manifest or (read_progress(folder) if folder.is_dir() else None)
-    if recorded is not None:
-        why = differing_setting(recorded.get("fingerprint", {}), want)
+    recorded = [manifest] if manifest else list(all_progress(folder).values()) if folder.is_dir() else []
+    for found in recorded:
+        why = differing_setting(found.get("fingerprint", {}), want)
         if why:
             raise UsageError(f"--cache.dir {folder} holds a cache of another plan: {why}; use another --cache.dir")
     complete = manifest is not None and not layout.missing()
