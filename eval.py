@@ -23,12 +23,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from streamgen.benchmarks import BENCHMARKS, Benchmark, model_samples, parse_data_spec, resolve
+from streamgen.config import CliParser
 from streamgen.errors import EXIT_USAGE, UsageError
 
 DEFAULT_WORKERS = 8
 
 
-class Parser(argparse.ArgumentParser):
+class Parser(CliParser):
+    """train.py's parser (closest-flag suggestions, no abbreviations); errors go through main."""
+
     def error(self, message: str) -> None:  # one line, not argparse's usage block
         raise UsageError(f"{message} (see eval.py --help)")
 
@@ -61,19 +64,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="resize the shorter side to this before cropping (default: crop/0.875; linear probes: crop, as trex)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=256, help="images per forward pass; lower it if memory runs out"
+        "--batch_size",
+        "--batch-size",
+        type=int,
+        default=256,
+        help="images per forward pass; lower it if memory runs out",
     )
     parser.add_argument(
         "--workers", type=int, default=DEFAULT_WORKERS, help="data-loading processes (capped at this machine's cores)"
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     parser.add_argument(
+        "--all_classes",
         "--all-classes",
         action="store_true",
         help="ImageNet-R/-A: predict among all the model's classes (default: among the benchmark's, its protocol)",
     )
     parser.add_argument(
-        "--ignore-extra-classes", action="store_true", help=argparse.SUPPRESS
+        "--ignore_extra_classes", "--ignore-extra-classes", action="store_true", help=argparse.SUPPRESS
     )  # the default now: classes the model does not know are never scored
     parser.add_argument("--table", action="store_true", help="print the results as the paper's tables, in Markdown")
     parser.add_argument("--out", help="also write the results to this .json or .csv file")
@@ -88,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_numbers(args: argparse.Namespace) -> None:
     for flag, value, low in (
-        ("--batch-size", args.batch_size, 1),
+        ("--batch_size", args.batch_size, 1),
         ("--crop", args.crop, 1),
         ("--resize", args.resize, 1),
         ("--workers", args.workers, 0),

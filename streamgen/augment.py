@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-import kornia.augmentation as K
 import torch
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
@@ -119,101 +118,124 @@ def blur_kernel_size(size: int, sigma_max: float = BLUR_SIGMA[1]) -> int:
 
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (t-ReX's ColorJitter)
+JITTER_P = 0.8
+GRAYSCALE_P = 0.2
 
 
-def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """``[N, 1, H, W]`` luma of ``[N, 3, H, W]`` RGB, with torchvision's weights."""
-    return torch.einsum("nchw,c->nhw", x, x.new_tensor(GRAY_WEIGHTS)).unsqueeze(1)
+def crop_grid(boxes: torch.Tensor, flip: torch.Tensor, size: int, height: int, width: int) -> torch.Tensor:
+    """``grid_sample`` grid ``[n, size, size, 2]`` that resizes each box (x1, y1, x2, y2) to ``size``.
 
-
-def shift_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
-    """Rotate each image's HSV hue by ``turns[i]`` (torchvision's adjust_hue, per image, for a batch).
-
-    Value (max) and chroma (max - min) are kept; the hue, in sextants, is read from which
-    channel holds the max and written back with the closed-form HSV -> RGB formula
-    ``f(n) = V - C * clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6h) mod 6`` for n = 5, 3, 1.
-    In place on temporaries: on a CPU, allocating them costs as much as the arithmetic.
+    Output pixel j's centre samples the box at ``x1 + (j + 0.5) * w / size - 0.5`` (torchvision's
+    resize convention, align_corners=False); a flip negates the x scale, so it costs nothing.
     """
-    value, argmax = x.max(1)
-    chroma = x.amin(1).neg_().add_(value)
-    # hue * chroma, in sextants: g - b (red max), b - r + 2C (green max), r - g + 4C (blue max)
-    differences = x.roll(-1, 1).sub_(x.roll(-2, 1))
-    sextant = differences.gather(1, argmax.unsqueeze(1)).squeeze(1)
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))  # gray pixels: any hue, chroma 0
-    sextant.div_(safe).add_(argmax.mul(2)).add_(6 * turns.view(-1, 1, 1)).remainder_(6)
-    k = x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1).add(sextant.unsqueeze(1)).remainder_(6)
-    k = torch.minimum(k, 4 - k).clamp_(0, 1).mul_(chroma.unsqueeze(1))
-    return k.neg_().add_(value.unsqueeze(1))
+    steps = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) * 2 + 1) / size - 1  # [-1, 1] centres
+    x1, y1, x2, y2 = boxes.unbind(1)
+    x_scale = ((x2 - x1) / width).where(~flip, (x1 - x2) / width)
+    gx = ((x1 + x2) / width - 1)[:, None] + x_scale[:, None] * steps
+    gy = ((y1 + y2) / height - 1)[:, None] + ((y2 - y1) / height)[:, None] * steps
+    n = len(boxes)
+    return torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], dim=-1)
 
 
-class RandomColorJitter(torch.nn.Module):
-    """torchvision's ``RandomApply([ColorJitter(b, c, s, h)], p)`` for a batch: every factor per image.
+def resample_crops(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic crops of float ``[B, 3, H, W]``: ``boxes``/``flip`` crop-major (row k*B + i: crop k of image i).
 
-    Hand-written rather than kornia's ColorJitter, which computes the same steps (torchvision's
-    definitions) but about 2x slower in its hue step, the bulk of the whole recipe's time, and
-    reads its factors back to the host in random-order mode. The four steps run in an order drawn
-    per batch from torch's CPU generator (no device sync; torchvision draws it per image).
+    Returns ``[B, 3, count, size * size]``: one ``grid_sample`` call samples all ``count`` crops of
+    an image as one tall grid, so the image is never repeated in memory.
     """
-
-    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float) -> None:
-        super().__init__()
-        self.brightness, self.contrast, self.saturation, self.hue, self.p = brightness, contrast, saturation, hue, p
-        self.params: dict = {}  # the last call's draws (as kornia's ``_params``)
-
-    def _uniform(self, n: int, low: float, high: float, like: torch.Tensor) -> torch.Tensor:
-        return torch.empty(n, 1, 1, 1, device=like.device, dtype=like.dtype).uniform_(low, high)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        b = self._uniform(n, 1 - self.brightness, 1 + self.brightness, x)
-        c = self._uniform(n, 1 - self.contrast, 1 + self.contrast, x)
-        s = self._uniform(n, 1 - self.saturation, 1 + self.saturation, x)
-        h = self._uniform(n, -self.hue, self.hue, x).view(n)
-        apply = torch.rand(n, 1, 1, 1, device=x.device) < self.p
-        order = torch.randperm(4).tolist()  # CPU generator: no device sync
-        self.params = {"brightness": b, "contrast": c, "saturation": s, "hue": h, "apply": apply, "order": order}
-        return torch.where(apply, color_jitter(x, b, c, s, h, order), x)
+    b, _, height, width = x.shape
+    count = len(boxes) // b
+    grid = crop_grid(boxes, flip, size, height, width).view(count, b, size, size, 2)
+    grid = grid.transpose(0, 1).reshape(b, count * size, size, 2)
+    out = torch.nn.functional.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return out.view(b, 3, count, size * size)
 
 
-def color_jitter(
-    x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: torch.Tensor, h: torch.Tensor, order: list[int]
+def hue_rotation(turns: torch.Tensor) -> torch.Tensor:
+    """``[n, 3, 3]`` rotations of RGB about the gray axis by ``turns`` (Rodrigues' formula).
+
+    The linear stand-in for torchvision's HSV hue shift: gray stays gray, the mean (r + g + b) / 3 and
+    the distance from the gray axis (saturation) are kept, and a third of a turn maps red to green,
+    green to blue (as HSV's). It differs from HSV's within a sextant (HSV keeps max and max - min).
+    """
+    angle = turns * (2 * math.pi)
+    cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
+    eye = torch.eye(3, device=turns.device, dtype=turns.dtype)
+    axis = torch.ones(3, 3, device=turns.device, dtype=turns.dtype) / 3  # u u^T, u = (1, 1, 1) / sqrt(3)
+    r3 = 1 / math.sqrt(3)
+    cross = torch.tensor([[0, -r3, r3], [r3, 0, -r3], [-r3, r3, 0]], device=turns.device, dtype=turns.dtype)
+    return cos * eye + sin * cross + (1 - cos) * axis
+
+
+def jitter_matrix(
+    b: torch.Tensor,
+    c: torch.Tensor,
+    s: torch.Tensor,
+    h: torch.Tensor,
+    order: torch.Tensor,
+    mean: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's ColorJitter steps as one affine colour map per image: ``y = M x + o``.
+
+    ``b, c, s, h`` ``[n]`` (hue in turns), ``order`` ``[n, 4]`` a permutation of 0..3 (brightness,
+    contrast, saturation, hue) per image, ``mean`` ``[n, 3]`` each image's mean colour. Brightness
+    (scale), saturation (lerp to luma) and hue (`hue_rotation`) are linear; contrast lerps to the
+    image's mean luma *after* the preceding steps, which is ``w . (M mean + o)`` since they are affine.
+    """
+    n = len(b)
+    w = b.new_tensor(GRAY_WEIGHTS)
+    eye = torch.eye(3, device=b.device, dtype=b.dtype).expand(n, 3, 3)
+    gray = torch.ones(3, 1, device=b.device, dtype=b.dtype) * w  # rows: luma weights
+    saturation = s[:, None, None] * eye + (1 - s)[:, None, None] * gray
+    hue = hue_rotation(h)
+    m, o = eye, torch.zeros(n, 3, device=b.device, dtype=b.dtype)
+    rows = torch.arange(n, device=b.device)
+    for position in range(4):
+        luma = ((m @ mean.unsqueeze(2)).squeeze(2) + o) @ w  # mean luma of the image so far
+        step_m = torch.stack([b[:, None, None] * eye, c[:, None, None] * eye, saturation, hue], 1)  # [n, 4, 3, 3]
+        step_o = torch.zeros(n, 4, 3, device=b.device, dtype=b.dtype)
+        step_o[:, 1] = ((1 - c) * luma)[:, None]
+        pick = order[:, position]
+        m, o = step_m[rows, pick] @ m, (step_m[rows, pick] @ o.unsqueeze(2)).squeeze(2) + step_o[rows, pick]
+    return m, o
+
+
+def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """``[n, size]`` normalised 1-D Gaussians, one per sigma (torchvision's _get_gaussian_kernel1d)."""
+    half = (size - 1) / 2
+    t = torch.linspace(-half, half, size, device=sigma.device, dtype=sigma.dtype)
+    kernel = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
+    return kernel / kernel.sum(1, keepdim=True)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """Separable Gaussian blur of ``[n, 3, H, W]`` with one sigma per image, reflect padding (as torchvision)."""
+    n, ch, height, width = x.shape
+    kernel = gaussian_kernels(sigma, size).repeat_interleave(ch, 0)  # [n*3, size]: one kernel per channel
+    r = size // 2
+    y = torch.nn.functional.pad(x.reshape(1, n * ch, height, width), (r, r, r, r), mode="reflect")
+    y = torch.nn.functional.conv2d(y, kernel.view(n * ch, 1, 1, size), groups=n * ch)
+    y = torch.nn.functional.conv2d(y, kernel.view(n * ch, 1, size, 1), groups=n * ch)
+    return y.view(n, ch, height, width)
+
+
+def apply_where(
+    x: torch.Tensor, chosen: torch.Tensor, step: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 ) -> torch.Tensor:
-    """torchvision's brightness, contrast, saturation and hue adjustments with per-image factors
-    (``[N, 1, 1, 1]``; hue ``[N]`` in turns), in ``order`` (0..3 in that list), each clamped to [0, 1]."""
-    steps = [
-        lambda y: (y * b).clamp_(0, 1),
-        lambda y: torch.lerp(grayscale(y).mean((2, 3), keepdim=True), y, c).clamp_(0, 1),
-        lambda y: torch.lerp(grayscale(y), y, s).clamp_(0, 1),
-        lambda y: shift_hue(y, h),
-    ]
-    for i in order:
-        x = steps[i](x)
+    """``step(images, rows)`` on the images with ``chosen[i]`` (``rows`` their indices, None for all).
+
+    On a CPU only the chosen images are computed (index_select, step, index_copy: one host read of
+    the mask); on a GPU the whole batch, then a select, which costs less than a device sync.
+    """
+    if x.is_cuda:
+        return torch.where(chosen.view(-1, 1, 1, 1), step(x, None), x)
+    rows = chosen.nonzero().squeeze(1)
+    if len(rows) == len(x):
+        return step(x, None)
+    if len(rows):
+        x.index_copy_(0, rows, step(x.index_select(0, rows), rows))
     return x
-
-
-class ClampUnit(torch.nn.Module):
-    """Clamp to [0, 1]: bicubic resampling overshoots at edges, where torchvision's uint8 path saturates."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp_(0, 1)
-
-
-def crop_pipeline(group: CropGroup) -> torch.nn.Sequential:
-    """One kornia pipeline for a group: every parameter drawn per image, on the input's device."""
-    steps = [
-        # resample: one warp for the whole batch (slice mode would read each box back to the host)
-        K.RandomResizedCrop((group.size, group.size), scale=group.scale, resample="bicubic", cropping_mode="resample"),
-        ClampUnit(),
-        K.RandomHorizontalFlip(p=0.5),
-        RandomColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
-        K.RandomGrayscale(p=0.2),
-    ]
-    if group.blur_p > 0:
-        k = blur_kernel_size(group.size)
-        steps.append(K.RandomGaussianBlur((k, k), BLUR_SIGMA, p=group.blur_p))
-    if group.solarize_p > 0:
-        steps.append(K.RandomSolarize(thresholds=(SOLARIZE_THRESHOLD,) * 2, additions=(0.0, 0.0), p=group.solarize_p))
-    return torch.nn.Sequential(*steps)
 
 
 class MultiCrop(torch.nn.Module):
@@ -221,15 +243,31 @@ class MultiCrop(torch.nn.Module):
 
     The t-ReX recipe (naver/trex ``multi_crop.py``): bicubic RandomResizedCrop, flip (p 0.5),
     colour jitter (0.4, 0.4, 0.2, 0.1; p 0.8), grayscale (p 0.2), Gaussian blur (sigma 0.1-2
-    px), solarise (globals only). Blur probabilities: 1.0 on global crops and 0.5 on local
+    px), solarise (p 0.2, globals only). Blur probabilities: 1.0 on global crops and 0.5 on local
     ones, as the project's recipe issue specifies (DINO's first global view; naver/trex's
-    ``multi_crop.py`` uses 0.2 on its global crop: pass ``global_blur_p=0.2`` for that). Each group of crops is one call on the
-    images repeated ``count`` times, so every crop of every image draws its own parameters.
-    kornia does the crop, flip, grayscale, blur and solarisation; the colour jitter is
-    `RandomColorJitter`. Differences from the per-image torchvision recipe: the jitter steps'
-    order is drawn per batch, not per image; the crop is resampled without antialiasing (the
-    recipe's crops shrink the image by at most ~1.4x at 256 px); and kornia's blur checks its
-    sigmas on the host (one device sync per blur call).
+    ``multi_crop.py`` uses 0.2 on its global crop: pass ``global_blur_p=0.2`` for that). Every crop of
+    every image draws its own parameters, for the whole batch at once on the batch's device, from
+    torch's generator (so a seed fixes them); the last call's draws are in ``params`` (one dict per group).
+
+    How, per group of crops: one bicubic ``grid_sample`` crops, resizes and flips all crops
+    (`resample_crops`); one batched matmul applies colour jitter, grayscale, the 1/255 scale and
+    normalisation as a single 3x3 matrix + offset per crop (`jitter_matrix`), then one clamp; a
+    grouped separable convolution blurs the chosen crops and solarisation inverts the chosen ones,
+    both in normalised space (where blur is the same linear map and the threshold a per-channel one).
+
+    Differences from the per-image torchvision recipe (bench/augment.py's reference):
+
+    - torchvision clamps to [0, 1] after every jitter step and after grayscale; here the jitter,
+      grayscale and normalisation are composed and clamped once, so a step that saturates
+      (brightness 1.4 on highlights) and a later one that would pull values back in differ, and
+      contrast's mean luma is that of the unclamped image;
+    - hue is a rotation about the gray axis (`hue_rotation`), not torchvision's HSV hue shift: the
+      same at multiples of a sextant's hue on pure colours, a few percent off in between;
+    - the jitter order is drawn per crop (as torchvision) as a permutation ``params["order"]``;
+    - the crop is bicubic without antialiasing (the recipe's crops shrink a 256 px image by at most
+      ~1.4x) and its bicubic taps read the pixels just outside the box (torchvision replicates the
+      box's edge): they differ only in the outermost output pixel;
+    - on a CPU, picking the crops to blur/solarise reads their masks back (`apply_where`).
     """
 
     def __init__(
@@ -248,18 +286,73 @@ class MultiCrop(torch.nn.Module):
         self.groups = [CropGroup(global_crops, global_size, global_scale, global_blur_p, solarize_p)]
         if local_crops > 0:
             self.groups.append(CropGroup(local_crops, local_size, local_scale, local_blur_p, 0.0))
-        self.pipelines = torch.nn.ModuleList(crop_pipeline(g) for g in self.groups)
+        self.params: list[dict[str, torch.Tensor]] = []
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        x = images.float().div_(255)
-        if self.pipelines[0][0].device != x.device:
-            self.to(x.device)  # kornia draws its parameters on the device its modules were moved to
-        out = []
-        for group, pipeline in zip(self.groups, self.pipelines):
-            # Crop-major rows: row k*B + i is crop k of image i (labels: labels.repeat(count)).
-            repeated = x.repeat(group.count, 1, 1, 1) if group.count > 1 else x
-            out.append(normalize(pipeline(repeated)))
+        x = images.float()  # 0..255: the 1/255 is folded into the colour matrix
+        self.params = [self.draw(group, x) for group in self.groups]
+        return [self.crops(group, x, params) for group, params in zip(self.groups, self.params)]
+
+    def draw(self, group: CropGroup, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every random parameter of the group's ``count * B`` crops (crop-major), on ``x``'s device."""
+        n, (height, width), device = group.count * len(x), x.shape[-2:], x.device
+
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return torch.empty(n, device=device).uniform_(low, high)
+
+        def coin(p: float) -> torch.Tensor:
+            return torch.rand(n, device=device) < p
+
+        b, c, s, h = JITTER
+        return {
+            "boxes": random_resized_boxes(n, height, width, group.scale, device=device),
+            "flip": coin(0.5),
+            "brightness": uniform(1 - b, 1 + b),
+            "contrast": uniform(1 - c, 1 + c),
+            "saturation": uniform(1 - s, 1 + s),
+            "hue": uniform(-h, h),
+            "order": torch.rand(n, 4, device=device).argsort(1),  # a random permutation per crop
+            "jitter": coin(JITTER_P),
+            "gray": coin(GRAYSCALE_P),
+            "sigma": uniform(*BLUR_SIGMA),
+            "blur": coin(group.blur_p),
+            "solarize": coin(group.solarize_p),
+        }
+
+    def crops(self, group: CropGroup, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch, size = len(x), group.size
+        sampled = resample_crops(x, p["boxes"], p["flip"], size)  # [B, 3, count, size*size], 0..255
+        matrix, offset = self.color_map(p, sampled.mean(3).permute(2, 0, 1).reshape(-1, 3) / 255)
+        # [count, B, 3, 3] x [B, 3, count, P] -> [count, B, 3, P]: the crop-major layout, in one pass
+        out = torch.einsum("kbij,bjkp->kbip", matrix.view(group.count, batch, 3, 3), sampled)
+        out = out.reshape(-1, 3, size, size).add_(offset.view(-1, 3, 1, 1))
+        mean, std = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1), x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        for channel, (m, sd) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):  # [0, 1] pixels, normalised
+            out[:, channel].clamp_(-m / sd, (1 - m) / sd)  # (scalar bounds: a fast path tensor bounds lack)
+        if group.blur_p > 0:
+            k = blur_kernel_size(size)
+            sigma = p["sigma"]
+            out = apply_where(out, p["blur"], lambda y, rows: gaussian_blur(y, sigma if rows is None else sigma[rows], k))
+        if group.solarize_p > 0:
+            threshold, flipped = (SOLARIZE_THRESHOLD - mean) / std, (1 - 2 * mean) / std
+            out = apply_where(out, p["solarize"], lambda y, _: torch.where(y >= threshold, flipped - y, y))
         return out
+
+    @staticmethod
+    def color_map(p: dict[str, torch.Tensor], mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per crop ``[n, 3, 3]`` matrix and ``[n, 3]`` offset taking 0..255 pixels to normalised jittered ones."""
+        m, o = jitter_matrix(p["brightness"], p["contrast"], p["saturation"], p["hue"], p["order"], mean)
+        eye = torch.eye(3, device=m.device, dtype=m.dtype)
+        keep = ~p["jitter"]
+        m = torch.where(keep[:, None, None], eye, m)
+        o = torch.where(keep[:, None], torch.zeros_like(o), o)
+        gray = torch.ones(3, 1, device=m.device, dtype=m.dtype) * m.new_tensor(GRAY_WEIGHTS)
+        m = torch.where(p["gray"][:, None, None], gray @ m, m)
+        o = torch.where(p["gray"][:, None], (gray @ o.unsqueeze(2)).squeeze(2), o)
+        inv_std = 1 / m.new_tensor(IMAGENET_STD)
+        m = m * (inv_std[:, None] / 255)
+        o = (o - m.new_tensor(IMAGENET_MEAN)) * inv_std
+        return m, o
 
 
 # -- the entry point ----------------------------------------------------------------------------

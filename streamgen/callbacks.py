@@ -266,6 +266,7 @@ class StreamMonitor(L.Callback):
         self._fill: list[float] = []
         self._preview: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._gpus: GpuReader | None = None
+        self._node_made: np.ndarray | None = None  # several nodes: the last gathered images made per rank
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if isinstance(trainer.logger, StreamLogger):
@@ -303,10 +304,23 @@ class StreamMonitor(L.Callback):
         layout = dashboard_layout(stream["slots"], float(train["lr"]), peak, resolved["generators"])
         trainer.logger.log_run(resolved, notes, metrics, layout)
 
+    def _logs_at(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.max_steps
+
+    def _gather_nodes(self, trainer: L.Trainer) -> np.ndarray:
+        """Several nodes: each node's images made so far and each rank's queue fill, from every
+        rank (a collective: every rank calls it at the same steps). Rows: node, made, fill."""
+        made = self.stats.total("images") if self.stats is not None and trainer.local_rank == 0 else 0.0
+        fill = self.queue.count(FILLED) / self.queue.slots if self.queue is not None else 0.0
+        mine = torch.tensor([[float(trainer.node_rank), made, fill]], dtype=torch.float64)
+        gathered = trainer.strategy.all_gather(mine.to(trainer.strategy.root_device))
+        return gathered.reshape(-1, 3).cpu().numpy()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        nodes = self._gather_nodes(trainer) if trainer.num_nodes > 1 and self._logs_at(step) else None
         if not trainer.is_global_zero or trainer.logger is None:
             return
-        step = trainer.global_step
         if "preview" in batch:
             self._add_preview(trainer, batch, step)
         if self.queue is not None:
@@ -315,10 +329,13 @@ class StreamMonitor(L.Callback):
         made = self.stats.table[:, GeneratorStats.FIELDS.index("images")].copy() if self.stats is not None else None
         if self._last is None:
             self._last = (now, step, waited, made)
+            self._node_made = nodes
             return
-        if step % self.log_every and step != self.max_steps:
+        if not self._logs_at(step):
             return
         metrics = self._window(trainer, batch, now, step, waited, made)
+        if nodes is not None:
+            metrics.update(self._node_window(nodes, now - self._last[0]))
         self.latest = {**metrics, "step": step, "steps_per_s": (step - self._last[1]) / max(now - self._last[0], 1e-9)}
         trainer.logger.log_metrics(metrics, step=step)
         self._last, self._fill = (now, step, waited, made), []
@@ -343,6 +360,23 @@ class StreamMonitor(L.Callback):
             metrics["stream/generator_restarts"] = int(self.stats.total("restarts"))
         if self._gpus is not None:
             metrics.update(self._gpus.read())
+        return metrics
+
+    def _node_window(self, nodes: np.ndarray, seconds: float) -> dict[str, float]:
+        """Throughput over all nodes: generator images/s summed, and each node's own, with its queue fill."""
+
+        def made_per_node(rows: np.ndarray | None) -> dict[int, float]:
+            if rows is None:
+                return {}
+            return {int(n): float(rows[rows[:, 0] == n, 1].sum()) for n in np.unique(rows[:, 0])}
+
+        now_made, before = made_per_node(nodes), made_per_node(self._node_made)
+        self._node_made = nodes
+        seconds = max(seconds, 1e-9)
+        metrics = {"stream/generator_images_per_s": (sum(now_made.values()) - sum(before.values())) / seconds}
+        for n, made in now_made.items():
+            metrics[f"stream/node{n}_generator_images_per_s"] = (made - before.get(n, 0.0)) / seconds
+            metrics[f"stream/node{n}_queue_fill"] = float(nodes[nodes[:, 0] == n, 2].mean())
         return metrics
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from streamgen.cache.build import CacheBuildFailed
 from streamgen.checks import Job, prepare
 from streamgen.config import parse_config, to_dict
 from streamgen.control import StopControl
@@ -216,12 +217,14 @@ def run(job: Job, group: NodeGroup | None = None) -> int:
     try:
         run_dir = _run_dir(job, group)
         if cfg.source == "cache":
-            _build_cache_first(job)  # with the run's generators; then training needs none
+            _build_cache_first(job, group)  # with the run's generators; then training needs none
         supervisor = _build_supervisor(job) if cfg.source == "stream" else NoGenerators()
         _start(job, run_dir, supervisor, control, trainers, beats)
         watch = TrainerWatch(beats, cfg.train.hang_timeout, cfg.stream.startup_timeout, job.first_rank)
         status = _supervise(supervisor, trainers, watch, group, job.first_rank)
         reason = "the run is over"
+    except CacheBuildFailed as e:  # the nodes building the cache together lost one: nothing to save yet
+        log(f"{e}: stopping")
     except GeneratorFailed as e:
         # Every generator was retired: no data will come. The trainers stop and save (the stop
         # request also ends their wait for data), so --resume loses nothing.
@@ -281,8 +284,9 @@ class NoGenerators:
         pass
 
 
-def _build_cache_first(job: Job) -> None:
-    """--source cache: make the missing shards (resuming a killed build) with the run's generators."""
+def _build_cache_first(job: Job, group: NodeGroup | None = None) -> None:
+    """--source cache: make the missing shards (resuming a killed build) with the run's generators;
+    on several nodes, this node's share of them into the shared cache.dir (`build_cache`)."""
     from streamgen.cache.build import build_cache, build_slots, supervision
 
     cfg = job.cfg
@@ -296,6 +300,9 @@ def _build_cache_first(job: Job) -> None:
         build_slots(cfg),  # one queue, read by the disk writer
         log=log,
         spawn_guard=_children_without_interrupts,
+        placement=job.placement,
+        patience=cfg.dist.timeout,
+        lost_peer=group.lost_peer if group is not None else None,
         **supervision(cfg),
     )
     log(f"the cache in {cfg.cache.dir} is complete; training from it with {cfg.trainers} trainer(s), no generators")

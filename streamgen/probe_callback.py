@@ -86,8 +86,12 @@ class LinearProbe(L.Callback):
     def _features(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset: Dataset) -> torch.Tensor:
         """Every image's features on every rank: each rank extracts every world-th image, then all-gather."""
         rank, world = trainer.global_rank, trainer.world_size
-        mine = Subset(dataset, list(range(rank, len(dataset), world)))
-        features = extract_features(pl_module, mine, self.batch_size, self.workers, on_batch=self.beat)
+        mine = list(range(rank, len(dataset), world))
+        # A rank with no image (more ranks than images) still needs the feature width: it extracts one.
+        features = extract_features(
+            pl_module, Subset(dataset, mine or [0]), self.batch_size, self.workers, on_batch=self.beat
+        )
+        features = features[: len(mine)]
         if world == 1 or not (dist.is_available() and dist.is_initialized()):
             return features
         # Shares differ by at most one image: pad to the largest, gather, interleave back.

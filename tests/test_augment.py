@@ -7,16 +7,19 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from streamgen.augment import (
+    GRAY_WEIGHTS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SOLARIZE_THRESHOLD,
     CropGroup,
     MultiCrop,
-    RandomColorJitter,
     build_augment,
-    color_jitter,
-    crop_pipeline,
     eval_transform,
+    gaussian_blur,
+    hue_rotation,
+    jitter_matrix,
     random_resized_boxes,
+    resample_crops,
     train_augment,
 )
 from streamgen.config import RunConfig, TrainConfig, parse_config
@@ -95,15 +98,6 @@ def test_crops_are_normalised_images_in_range():
         assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4
 
 
-def crop_box_sizes(group: CropGroup, n: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(area fraction, width/height) of ``n`` crop boxes as the group's pipeline draws them."""
-    params = crop_pipeline(group)[0].forward_parameters(torch.Size([n, 3, side, side]))
-    src = params["src"]  # corners of inclusive pixel boxes
-    w = src[:, 1, 0] - src[:, 0, 0] + 1
-    h = src[:, 2, 1] - src[:, 1, 1] + 1
-    return w * h / side**2, w / h
-
-
 def torchvision_box_sizes(scale: tuple[float, float], n: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle: torchvision's RandomResizedCrop.get_params, the per-image recipe's crop law."""
     image = torch.empty(3, side, side)
@@ -115,10 +109,12 @@ def torchvision_box_sizes(scale: tuple[float, float], n: int, side: int) -> tupl
 
 @pytest.mark.parametrize("scale", [(0.25, 1.0), (0.05, 0.25)])
 def test_crop_scales_and_aspects_follow_torchvision_law(scale):
-    """Area fractions and aspects drawn per image follow RandomResizedCrop's law (two-sample KS tests)."""
+    """Area fractions and aspects of the boxes MultiCrop draws follow RandomResizedCrop's law (KS tests)."""
     torch.manual_seed(0)
     n, side = 4000, 256
-    area, aspect = crop_box_sizes(CropGroup(1, 96, scale, 0.0, 0.0), n, side)
+    params = MultiCrop(96, local_crops=0, global_scale=scale).draw(CropGroup(1, 96, scale, 0.0, 0.0), torch.empty(n, 3, side, side))
+    x1, y1, x2, y2 = params["boxes"].unbind(1)
+    area, aspect = (x2 - x1) * (y2 - y1) / side**2, (x2 - x1) / (y2 - y1)
     ref_area, ref_aspect = torchvision_box_sizes(scale, n, side)
     assert area.min() >= scale[0] - 0.01 and area.max() <= scale[1] + 0.01
     assert aspect.min() >= 3 / 4 - 0.03 and aspect.max() <= 4 / 3 + 0.03
@@ -130,22 +126,24 @@ def test_crop_scales_and_aspects_follow_torchvision_law(scale):
         assert stats.kstest(area.numpy(), uniform).pvalue > 1e-3
 
 
-def test_each_crop_shows_the_region_of_its_box():
-    """A coordinate ramp image: every crop's first and last columns/rows are its box's edges."""
-    side = 64
-    ramp = torch.arange(side, dtype=torch.float32) / 255
-    image = torch.stack(
-        [ramp.view(1, side).expand(side, side), ramp.view(side, 1).expand(side, side), ramp[:1].expand(side, side)]
-    )
-    crop = crop_pipeline(CropGroup(1, 24, (0.1, 0.6), 0.0, 0.0))[0]
+def test_resampled_crops_match_torchvision_resized_crop_and_flip():
+    """Each crop is torchvision's bicubic resized_crop of its box (flipped if drawn), crop-major rows.
+
+    torchvision resamples the cropped image, so its outermost pixels replicate the box's edge where
+    ours read the pixels beside the box: compare away from the border (2 px)."""
     torch.manual_seed(0)
-    out = crop(image.expand(32, -1, -1, -1).contiguous())
-    src = crop._params["src"]
-    x1, x2, y1, y2 = src[:, 0, 0], src[:, 1, 0], src[:, 0, 1], src[:, 2, 1]
-    torch.testing.assert_close(out[:, 0, 0, 0] * 255, x1, atol=0.05, rtol=0)
-    torch.testing.assert_close(out[:, 0, 0, -1] * 255, x2, atol=0.05, rtol=0)
-    torch.testing.assert_close(out[:, 1, 0, 0] * 255, y1, atol=0.05, rtol=0)
-    torch.testing.assert_close(out[:, 1, -1, 0] * 255, y2, atol=0.05, rtol=0)
+    b, count, size, side = 3, 2, 24, 40
+    x = torch.rand(b, 3, side, side)
+    boxes = random_resized_boxes(count * b, side, side, scale=(0.4, 1.0))
+    flip = torch.tensor([False, True, False, True, True, False])
+    out = resample_crops(x, boxes, flip, size).view(b, 3, count, size, size)
+    for n, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
+        k, i = divmod(n, b)  # row k*B + i is crop k of image i
+        expected = F.resized_crop(x[i], y1, x1, y2 - y1, x2 - x1, [size, size], v2.InterpolationMode.BICUBIC, antialias=False)
+        if flip[n]:
+            expected = expected.flip(-1)
+        inner = (slice(None), slice(2, -2), slice(2, -2))
+        torch.testing.assert_close(out[i, :, k][inner], expected[inner], atol=1e-5, rtol=0)
 
 
 def test_every_crop_of_every_image_draws_its_own_parameters():
@@ -153,55 +151,136 @@ def test_every_crop_of_every_image_draws_its_own_parameters():
     multicrop = MultiCrop(24, 10, global_crops=2, local_crops=3)
     images = random_images(1, 32).expand(8, -1, -1, -1).contiguous()  # eight copies of one image
     crops = multicrop(images)
-    for group, pipeline, out in zip(multicrop.groups, multicrop.pipelines, crops):
+    for params, out in zip(multicrop.params, crops):
         rows = out.flatten(1)
         assert torch.cdist(rows, rows).add(torch.eye(len(rows)) * 1e9).min() > 1e-3  # no two crops alike
-        boxes = pipeline[0]._params["src"].flatten(1)
-        assert boxes.unique(dim=0).shape[0] >= 0.75 * len(boxes)  # 16 resp. 24 boxes, small integer grid
-        for factor in ("brightness", "contrast", "saturation", "hue"):
-            assert pipeline[3].params[factor].unique().numel() == len(rows)
-        assert pipeline[5]._params["sigma"].unique().numel() > 1  # blur strength per crop
+        assert params["boxes"].unique(dim=0).shape[0] >= 0.75 * len(rows)  # 16 resp. 24 boxes, small integer grid
+        for factor in ("brightness", "contrast", "saturation", "hue", "sigma"):
+            assert params[factor].shape == (len(rows),) and params[factor].unique().numel() == len(rows)
+        assert params["order"].unique(dim=0).shape[0] > 1  # the jitter order is drawn per crop
+        assert torch.equal(params["order"].sort(1).values, torch.arange(4).expand(len(rows), 4))
 
 
 def test_grayscale_and_blur_rates_match_the_recipe():
-    """About 20% of crops come out gray (R = G = B), with a binomial tolerance."""
+    """About 20% of crops come out gray (R = G = B), with a binomial tolerance; blur coins at 1.0 / 0.5."""
     torch.manual_seed(0)
-    crops = MultiCrop(16, 8, global_crops=2, local_crops=4)(random_images(200, 24))
-    for out in crops:
+    multicrop = MultiCrop(16, 8, global_crops=2, local_crops=4)
+    crops = multicrop(random_images(200, 24))
+    for out, params, blur_p in zip(crops, multicrop.params, (1.0, 0.5)):
         pixels = denormalize(out)
         gray = ((pixels[:, 0] - pixels[:, 1]).abs().amax((1, 2)) < 1e-4) & (
             (pixels[:, 1] - pixels[:, 2]).abs().amax((1, 2)) < 1e-4
         )
         n, rate = len(out), gray.float().mean().item()
+        assert torch.equal(gray, params["gray"])
         assert abs(rate - 0.2) < 4 * math.sqrt(0.2 * 0.8 / n), rate
+        blur_rate = params["blur"].float().mean().item()
+        assert abs(blur_rate - blur_p) <= 4 * math.sqrt(blur_p * (1 - blur_p) / n), blur_rate
+        jitter_rate = params["jitter"].float().mean().item()
+        assert abs(jitter_rate - 0.8) < 4 * math.sqrt(0.8 * 0.2 / n), jitter_rate
 
 
-def test_color_jitter_matches_torchvision_per_image():
-    """The batched jitter against torchvision's functional ops applied image by image (the oracle)."""
+def apply_color(m: torch.Tensor, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (torch.einsum("nij,njhw->nihw", m, x) + o.view(-1, 3, 1, 1)).clamp(0, 1)
+
+
+def identity_factors(n: int) -> list[torch.Tensor]:
+    return [torch.ones(n), torch.ones(n), torch.ones(n), torch.zeros(n)]
+
+
+@pytest.mark.parametrize("step", [0, 1, 2])
+def test_each_linear_jitter_step_matches_torchvision(step):
+    """Brightness, contrast, saturation alone (then clamped): exactly torchvision's functional op, per image."""
     torch.manual_seed(0)
     n = 12
     x = torch.rand(n, 3, 20, 20)
-    b, c, s = (torch.empty(n, 1, 1, 1).uniform_(0.6, 1.4) for _ in range(3))
-    h = torch.empty(n).uniform_(-0.1, 0.1)
-    ops = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue]
-    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
-        out = color_jitter(x, b, c, s, h, order)
-        for i in range(n):
-            factors = [b[i].item(), c[i].item(), s[i].item(), h[i].item()]
-            expected = x[i]
-            for step in order:
-                expected = ops[step](expected, factors[step])
-            torch.testing.assert_close(out[i], expected, atol=2e-5, rtol=0)
+    factors = identity_factors(n)
+    factors[step] = torch.empty(n).uniform_(0.5, 1.5)
+    order = torch.rand(n, 4).argsort(1)
+    m, o = jitter_matrix(*factors, order, x.mean((2, 3)))
+    out = apply_color(m, o, x)
+    op = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation][step]
+    for i in range(n):
+        torch.testing.assert_close(out[i], op(x[i], factors[step][i].item()), atol=1e-5, rtol=0)
 
 
-def test_color_jitter_applies_with_its_probability():
+def test_jitter_steps_compose_in_each_images_order():
+    """Where no step saturates, the composed matrix is torchvision's steps in the image's drawn order
+    (contrast's mean is taken after the preceding steps, as torchvision's)."""
     torch.manual_seed(0)
-    jitter = RandomColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8)
-    x = torch.rand(400, 3, 4, 4)
-    out = jitter(x)
-    changed = (out - x).flatten(1).abs().amax(1) > 0
-    assert torch.equal(changed, jitter.params["apply"].view(-1))
-    assert abs(changed.float().mean().item() - 0.8) < 4 * math.sqrt(0.8 * 0.2 / 400)
+    n = 24
+    x = torch.empty(n, 3, 16, 16).uniform_(0.35, 0.65)  # factors in 0.8-1.2 keep every step inside [0, 1]
+    b, c, s = (torch.empty(n).uniform_(0.8, 1.2) for _ in range(3))
+    order = torch.rand(n, 4).argsort(1)
+    out = apply_color(*jitter_matrix(b, c, s, torch.zeros(n), order, x.mean((2, 3))), x)
+    ops = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue]
+    for i in range(n):
+        expected = x[i]
+        for step in order[i].tolist():
+            expected = ops[step](expected, [b[i].item(), c[i].item(), s[i].item(), 0.0][step])
+        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+
+
+def test_hue_rotation_properties():
+    """The hue step is a rotation about the gray axis, close to torchvision's HSV hue shift."""
+    torch.manual_seed(0)
+    turns = torch.empty(64).uniform_(-0.5, 0.5)
+    r = hue_rotation(turns)
+    gray = torch.ones(3)
+    torch.testing.assert_close(r @ gray, gray.expand(64, 3))  # gray stays gray
+    torch.testing.assert_close(r @ r.transpose(1, 2), torch.eye(3).expand(64, 3, 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(hue_rotation(torch.zeros(1))[0], torch.eye(3))  # no shift: identity
+    red, green, blue = torch.eye(3)
+    third = hue_rotation(torch.tensor([1 / 3, -1 / 3]))
+    torch.testing.assert_close(third[0] @ red, green, atol=1e-6, rtol=0)  # +1/3 turn: red -> green, as HSV
+    torch.testing.assert_close(third[1] @ red, blue, atol=1e-6, rtol=0)
+    # Luma approximately kept, and within the recipe's range (|hue| <= 0.1) close to torchvision's HSV shift.
+    x = torch.rand(200, 3, 1, 1)
+    h = torch.empty(200).uniform_(-0.1, 0.1)
+    ours = apply_color(hue_rotation(h), torch.zeros(200, 3), x)
+    theirs = torch.stack([F.adjust_hue(x[i], h[i].item()) for i in range(200)])
+    luma = torch.tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
+    luma_change, hsv_luma_change = ((ours - x) * luma).sum(1).abs(), ((theirs - x) * luma).sum(1).abs()
+    assert luma_change.mean() < 0.04 and luma_change.max() < 0.15
+    assert luma_change.mean() < hsv_luma_change.mean()  # HSV keeps max(r, g, b), not luma
+    assert (ours - theirs).abs().mean() < 0.05
+
+
+def test_grayscale_and_normalisation_fold_into_the_colour_map():
+    """A gray, unjittered crop's map is torchvision's rgb_to_grayscale then Normalize, from 0..255 pixels."""
+    n = 4
+    x = torch.rand(n, 3, 8, 8) * 255
+    params = {"jitter": torch.zeros(n, dtype=torch.bool), "gray": torch.tensor([True, False, True, False])}
+    params.update(zip(("brightness", "contrast", "saturation", "hue"), identity_factors(n)))
+    params["order"] = torch.arange(4).expand(n, 4)
+    m, o = MultiCrop.color_map(params, x.mean((2, 3)) / 255)
+    out = torch.einsum("nij,njhw->nihw", m, x) + o.view(-1, 3, 1, 1)
+    for i in range(n):
+        pixels = F.rgb_to_grayscale(x[i] / 255, 3) if params["gray"][i] else x[i] / 255
+        torch.testing.assert_close(out[i], F.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD), atol=1e-5, rtol=0)
+
+
+def test_blur_matches_torchvision_gaussian_blur_per_image():
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 20, 20)
+    sigma = torch.empty(6).uniform_(0.1, 2.0)
+    out = gaussian_blur(x, sigma, 13)
+    for i in range(6):
+        expected = F.gaussian_blur(x[i], [13, 13], [sigma[i].item()] * 2)
+        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+
+
+def test_solarised_crops_are_exactly_the_drawn_ones():
+    """Solarisation inverts pixels >= 128/255: a solarised crop has no pixel above that; others do."""
+    torch.manual_seed(0)
+    multicrop = MultiCrop(16, 8, global_crops=2, local_crops=1, global_blur_p=0.0, solarize_p=0.5)
+    crops = multicrop(random_images(40, 24))
+    brightest = denormalize(crops[0]).amax((1, 2, 3))
+    solarised = multicrop.params[0]["solarize"]
+    assert 0 < solarised.sum() < len(solarised)
+    assert (brightest[solarised] <= SOLARIZE_THRESHOLD + 1e-4).all()
+    assert (brightest[~solarised] > SOLARIZE_THRESHOLD + 0.05).float().mean() > 0.9
+    assert "solarize" in multicrop.params[1] and not multicrop.params[1]["solarize"].any()  # locals: never
 
 
 def test_same_seed_same_crops_other_seed_other_crops():

@@ -320,3 +320,69 @@ def test_resuming_a_cache_run_with_other_settings_is_refused(tmp_path, capsys):
     torch.save({"StreamDataModule": {"format": "streamgen-stream/1"}}, stream)
     args = _cache_run(tmp_path, "--cache.dir", str(tmp_path / "cache"), "--cache.images", "96", "--resume", str(stream))
     _refused(capsys, tmp_path, args, "not a checkpoint of a cache run")
+
+
+# -- several nodes build one cache into a shared folder ---------------------------------------
+
+
+def test_the_nodes_split_the_shards_disjointly_and_write_distinct_files(tmp_path):
+    from streamgen.cache.layout import Layout, node_shards, progress_name
+
+    shards = list(range(11))
+    split = [node_shards(shards, 3, k) for k in range(3)]
+    assert split == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]  # round robin: balanced within one shard
+    assert node_shards([1, 2, 5, 7], 2, 1) == [1, 5, 7]  # a resumed build: each node its missing ones
+    assert node_shards(shards, 1, 0) == shards
+    assert [progress_name(3, k) for k in range(3)] == [f"progress-node{k}.json" for k in range(3)]
+    assert progress_name(1, 0) == "progress.json"  # a single node's build, as before
+    layout = Layout(str(tmp_path), 96, 8, 32, 4)
+    assert layout.temp_path(1, "node0-7") != layout.temp_path(1, "node1-7")  # the same pid on two machines
+
+
+@pytest.mark.timeout(300)
+def test_a_node_whose_cache_folder_is_not_shared_stops_with_one_line(tmp_path, fake_cache, capsys):
+    """Node 1 of 2 alone in its folder: it makes its shards, then says why the rest never come."""
+    folder = tmp_path / "local"
+    node1 = ["--dist.nodes", "2", "--dist.node_rank", "1", "--dist.master_addr", "127.0.0.1", "--dist.timeout", "3"]
+    started = time.monotonic()
+    assert cache_main(["build", *cache_args(folder), *node1]) == 1
+    assert time.monotonic() - started < 120  # bounded by --dist.timeout, not a hang
+    err = [line for line in capsys.readouterr().err.splitlines() if "cache.dir must be a folder shared" in line]
+    assert len(err) == 1 and f"--cache.dir {folder}" in err[0], err
+    assert shard_bytes(folder) == {"shard-000001.bin": shard_bytes(fake_cache)["shard-000001.bin"]}  # its share
+    progress = json.loads((folder / "progress-node1.json").read_text())
+    assert progress["done"] and list(progress["sha256"]) == ["shard-000001.bin"]
+    assert not (folder / "manifest.json").exists() and not list(folder.glob(".shard-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_nodes_build_one_shared_cache_and_train_from_it(train_run, tmp_path, fake_cache):
+    """Two launchers on localhost (train.py --source cache): each node makes its own shards into
+    one folder; the cache equals a single node's, bit for bit; the two ranks then read it."""
+    from test_multinode import start_nodes
+
+    shared = tmp_path / "shared"
+    args = ("--source", "cache", *cache_args(shared)[2:], "--trainers", "1", "--train.max_steps", "6")
+    nodes = start_nodes(train_run, 2, *args, "--name", "two")
+    for node in nodes:
+        assert node.wait(500) == 0, node.output[-3000:]
+    assert shard_bytes(shared) == shard_bytes(fake_cache)  # the single-node build of the same config
+
+    made = {k: json.loads((shared / f"progress-node{k}.json").read_text()) for k in (0, 1)}
+    assert sorted(made[0]["sha256"]) == ["shard-000000.bin", "shard-000002.bin"]  # shards s % 2 == 0
+    assert sorted(made[1]["sha256"]) == ["shard-000001.bin"]
+    assert not (shared / "progress.json").exists() and not list(shared.glob(".shard-*"))
+    manifest, single = read_manifest(shared), read_manifest(fake_cache)
+    assert manifest["shards"] == single["shards"] and manifest["fingerprint"] == single["fingerprint"]
+    build = manifest["build"]
+    assert build["nodes"] == 2 and build["devices"] == 2 and {s["node"] for s in build["sessions"]} == {0, 1}
+    assert build["device_seconds"] == pytest.approx(made[0]["device_seconds"] + made[1]["device_seconds"])
+    assert made[0]["device_seconds"] > 0 and made[1]["device_seconds"] > 0
+    assert cache_main(["verify", "--config", SMOKE, "--cache.dir", str(shared)]) == 0
+
+    run_dir = tmp_path / "runs" / "two" / "version_0"  # global rank r reads positions r, r + 2, ... of epoch 0
+    order = epoch_order(0, 0, N)
+    for r in (0, 1):
+        ids = [i for _, _, _, batch in consumed_ids(run_dir / f"consumed-rank{r}.tsv") for i in batch]
+        assert ids == order[r::2].tolist()

@@ -139,7 +139,7 @@ def bad_input(capsys, *args) -> str:
 
 
 BAD = [
-    (["--batch-size", 0], "--batch-size 0: must be at least 1"),
+    (["--batch_size", 0], "--batch_size 0: must be at least 1"),
     (["--crop", 0], "--crop 0: must be at least 1"),
     (["--workers", -1], "--workers -1: must be at least 0"),
     (["--seeds", 0], "--seeds 0: must be at least 1"),
@@ -147,7 +147,8 @@ BAD = [
     (["--out", "/proc/results.json"], "--out /proc/results.json: cannot write in /proc"),
     (["--out", "/nonexistent/results.json"], "folder /nonexistent does not exist"),
     (["--out", "results.txt"], "name a .json or .csv file"),
-    (["--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
+    (["--batch-size", "many"], "argument --batch_size/--batch-size: invalid int value: 'many'"),  # old spelling too
+    (["--batchsize", 8], "unknown flag --batchsize (did you mean --batch_size?)"),
 ]
 
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from conftest import read_consumed
+from conftest import read_consumed, read_scalars
 
 FAST = ("--model", "fake", "--train.log_every", "2")
 
@@ -49,6 +49,10 @@ def test_two_nodes_consume_exactly_the_units_one_node_would(train_run, tmp_path)
     folder = run_folder(tmp_path, "two")
     per_rank = {r: [u for _, u in read_consumed(folder, r)] for r in (0, 1)}
     assert per_rank[0] == [0, 2, 4, 6, 8, 10] and per_rank[1] == [1, 3, 5, 7, 9, 11]  # in order, no overlap
+    scalars = read_scalars(folder)  # rank 0 logs the throughput of every node
+    for node in (0, 1):
+        assert f"stream/node{node}_generator_images_per_s" in scalars and f"stream/node{node}_queue_fill" in scalars
+    assert all(v > 0 for _, v in scalars["stream/generator_images_per_s"])
     state = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["StreamDataModule"]
     assert sorted(c["rank"] for c in state["cursors"]) == [0, 1] and state["world"] == 2
 

@@ -2,7 +2,9 @@
 
 - ``build``: make the run's cache (``--cache.images`` or ``--cache.scale``, ``--cache.dir``) with
   ``--generators`` generator processes, e.g. more than the training run will use; resumes a
-  killed build, and does nothing for a finished one.
+  killed build, and does nothing for a finished one. On several nodes (``--dist.nodes N
+  --dist.node_rank K``, or SLURM / torchrun variables, as for train.py) each node makes its
+  share of the shards into the shared ``--cache.dir``; node 0 writes the manifest.
 - ``info``: the manifest (or the unfinished build's progress), shards present, size on disk.
 - ``verify``: recompute every shard's sha256 against the manifest; exit 1 if any differs.
 - ``export --to DIR --format imagefolder|webdataset``: PNGs in class folders (with a
@@ -61,11 +63,13 @@ def _finished_cache(cfg: RunConfig, command: str) -> tuple[SamplePlan, CacheSpec
 
 
 def cmd_build(cfg: RunConfig) -> int:
-    from streamgen.cache.build import build_cache, build_slots, supervision
+    from streamgen.cache.build import CacheBuildFailed, build_cache, build_slots, supervision
     from streamgen.checks import assign_devices
     from streamgen.generator import FAKE, WorkerSpec, check_attention
+    from streamgen.nodes import resolve_placement
     from streamgen.pipeline import resolve_model
 
+    placement = resolve_placement(cfg.dist)  # several nodes: each makes its share of the shards
     plan, classes, counts = _plan(cfg)
     spec = check_cache(cfg, classes.fingerprint(), counts, len(classes))
     model = cfg.model if cfg.model == FAKE else resolve_model(cfg.model)
@@ -79,10 +83,22 @@ def cmd_build(cfg: RunConfig) -> int:
     )
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        manifest = build_cache(spec, worker, devices, build_slots(cfg), log=log, **supervision(cfg))
+        manifest = build_cache(
+            spec,
+            worker,
+            devices,
+            build_slots(cfg),
+            log=log,
+            placement=placement,
+            patience=cfg.dist.timeout,
+            **supervision(cfg),
+        )
     except (KeyboardInterrupt, _Terminate):
         log("interrupted: the finished shards are kept; run the same command to go on")
         return 130
+    except CacheBuildFailed as e:
+        log(str(e))
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     hours = manifest["build"]["device_seconds"] / 3600

@@ -7,8 +7,17 @@ its shard's temporary file and frees the slot. A shard whose units are all writt
 fsynced and renamed to its final name; its sha256 and the build's device-seconds so far go to
 ``progress.json``. When every shard exists, ``manifest.json`` is written (last, atomically).
 
-Device-seconds: generator devices x wall time of each build session, summed over sessions (a
-killed build keeps what it recorded at its last finished shard).
+Several nodes can build one cache into a folder they share (`build_cache` with a `Placement`
+of N > 1 nodes): node k makes only the missing shards s with s % N == k and records its own
+``progress-node{k}.json``, so no two nodes write the same file. A node done with its shards
+waits until every shard exists and every node has recorded its last one; node 0 then writes
+the manifest and the others wait for it. Every wait is bounded: a node that shows no sign in
+the folder (no new shard, no progress record: builders record every few seconds) for
+``dist.timeout`` seconds, or that the launchers' `NodeGroup` reports lost, stops the build on
+the others with one line (`CacheBuildFailed`); the shards made so far are kept.
+
+Device-seconds: generator devices x wall time of each build session, summed over sessions and
+nodes (a killed build keeps what it recorded at its last finished shard).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import heapq
+import json
 import os
 import sys
 import time
@@ -28,15 +38,20 @@ import numpy as np
 from streamgen.cache.layout import (
     MANIFEST,
     MANIFEST_FORMAT,
+    PROGRESS,
     CacheSpec,
     Layout,
+    all_progress,
     fsync_dir,
+    node_shards,
+    progress_name,
+    read_json,
     read_manifest,
-    read_progress,
     write_json,
 )
 from streamgen.config import RunConfig
 from streamgen.generator import WorkerSpec
+from streamgen.nodes import Placement
 from streamgen.plan import UnitCursor
 from streamgen.queue import FILLED
 from streamgen.supervisor import Supervisor
@@ -77,11 +92,19 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-class ShardWriter:
-    """Open temporary shards; `write` places one unit and finishes its shard when complete."""
+class CacheBuildFailed(RuntimeError):
+    """The nodes building one cache cannot finish it: a node is lost, or the folder is not shared."""
 
-    def __init__(self, layout: Layout) -> None:
+
+class ShardWriter:
+    """Open temporary shards; `write` places one unit and finishes its shard when complete.
+
+    ``writer`` names this process in its temporary files (default: its pid; a node adds its
+    rank), so that writers sharing a folder never open the same file."""
+
+    def __init__(self, layout: Layout, writer: str | None = None) -> None:
         self.layout = layout
+        self.writer = writer or str(os.getpid())
         self._open: dict[int, tuple[int, set[int]]] = {}  # shard -> (fd, units written)
 
     def write(self, unit: int, images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> int | None:
@@ -89,7 +112,7 @@ class ShardWriter:
         lay = self.layout
         shard = unit // lay.shard_units
         if shard not in self._open:
-            fd = os.open(lay.temp_path(shard), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(lay.temp_path(shard, self.writer), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(fd, lay.shard_nbytes(shard))
             self._open[shard] = (fd, set())
         fd, written = self._open[shard]
@@ -104,7 +127,7 @@ class ShardWriter:
         os.fsync(fd)
         os.close(fd)
         del self._open[shard]
-        os.replace(lay.temp_path(shard), lay.shard_path(shard))
+        os.replace(lay.temp_path(shard, self.writer), lay.shard_path(shard))
         fsync_dir(Path(lay.dir))
         return shard
 
@@ -112,7 +135,7 @@ class ShardWriter:
         """Remove the temporary files of unfinished shards (a later build makes them again)."""
         for shard, (fd, _) in list(self._open.items()):
             os.close(fd)
-            self.layout.temp_path(shard).unlink(missing_ok=True)
+            self.layout.temp_path(shard, self.writer).unlink(missing_ok=True)
         self._open.clear()
 
 
@@ -123,10 +146,13 @@ def _pwrite_all(fd: int, array: np.ndarray, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def sweep_temp_files(folder: Path) -> None:
-    """Temporary shards left by a killed build (their names are ours alone)."""
+def sweep_temp_files(folder: Path, shards: set[int]) -> None:
+    """Temporary files of ``shards`` (this node's) left by a killed build: only this node
+    writes those shards, so no other node's file in progress is touched."""
     for path in folder.glob(".shard-*.tmp"):
-        path.unlink(missing_ok=True)
+        number = path.name.removeprefix(".shard-").split(".")[0]
+        if number.isdigit() and int(number) in shards:
+            path.unlink(missing_ok=True)
 
 
 class BuildProgress:
@@ -167,30 +193,57 @@ class BuildProgress:
 
 
 class _Progress:
-    """progress.json: the fingerprint, finished shards' sha256 and device-seconds so far."""
+    """One node's progress file (``progress.json``, or ``progress-node{k}.json`` when several
+    nodes build): the fingerprint, the sha256 of the shards it finished, its device-seconds so
+    far, and ``done`` once it has made all its shards (what the other nodes wait for)."""
 
-    def __init__(self, spec: CacheSpec, devices: int) -> None:
-        self.folder = Path(spec.layout.dir)
-        state = read_progress(self.folder) or {}
+    def __init__(self, spec: CacheSpec, devices: int, name: str = PROGRESS, node: int | None = None) -> None:
+        self.path = Path(spec.layout.dir) / name
+        state = read_json(self.path) or {}
         self.state = {
             "format": MANIFEST_FORMAT,
             "fingerprint": spec.fingerprint,
             "device_seconds": float(state.get("device_seconds", 0.0)),
             "sessions": list(state.get("sessions", [])),
             "sha256": dict(state.get("sha256", {})),
+            "devices": devices,
+            "done": False,
         }
-        self.devices = devices
+        if node is not None:
+            self.state["node"] = node
+        self.devices, self.node = devices, node
         self._before = self.state["device_seconds"]
+        self._started: float | None = None  # no session until this node makes shards
+        self._written = 0.0
+
+    def begin(self) -> None:
+        """A build session starts: its generators' device-seconds count from now."""
         self._started = time.monotonic()
-        self.state["sessions"].append({"devices": devices, "seconds": 0.0})
+        session: dict[str, Any] = {"devices": self.devices, "seconds": 0.0}
+        if self.node is not None:
+            session["node"] = self.node
+        self.state["sessions"].append(session)
 
     def record(self, shard_name: str | None = None, sha: str | None = None) -> None:
-        elapsed = time.monotonic() - self._started
-        self.state["sessions"][-1]["seconds"] = elapsed
-        self.state["device_seconds"] = self._before + self.devices * elapsed
+        if self._started is not None:
+            elapsed = time.monotonic() - self._started
+            self.state["sessions"][-1]["seconds"] = elapsed
+            self.state["device_seconds"] = self._before + self.devices * elapsed
         if shard_name is not None:
             self.state["sha256"][shard_name] = sha
-        write_json(self.folder / "progress.json", self.state)
+        write_json(self.path, self.state)
+        self._written = time.monotonic()
+
+    def beat(self, every: float) -> None:
+        """Record now and then while building: other nodes waiting on this one see it alive."""
+        if time.monotonic() - self._written >= every:
+            self.record()
+
+    def finish(self) -> None:
+        """This node has made all its shards: the session ends, ``done`` is recorded."""
+        self.state["done"] = True
+        self.record()
+        self._started = None
 
 
 def supervision(cfg: RunConfig) -> dict[str, Any]:
@@ -218,29 +271,49 @@ def build_cache(
     log: Callable[[str], None] = print,
     progress_stream=None,
     spawn_guard: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    placement: Placement | None = None,
+    patience: float = 120.0,
+    lost_peer: Callable[[], str | None] | None = None,
     **supervise: Any,
 ) -> dict[str, Any]:
     """Make the missing shards with ``devices`` generators, then write the manifest; returns it.
 
     ``spawn_guard``: a context in which the generators are started (the launcher's blocks
-    Ctrl-C in them: it alone handles it); ``supervise``: `Supervisor` settings (`supervision`)."""
+    Ctrl-C in them: it alone handles it); ``supervise``: `Supervisor` settings (`supervision`).
+    ``placement``: this node's place when several nodes build the cache together (module
+    docstring); ``patience`` (``dist.timeout``) bounds its waits for the others and
+    ``lost_peer`` (`NodeGroup.lost_peer`, if the launchers are joined) names a lost node sooner.
+    Raises `CacheBuildFailed` when the others' shards do not come."""
+    nodes, me = (placement.nodes, placement.node_rank) if placement is not None else (1, 0)
     layout = spec.layout
     folder = Path(layout.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    sweep_temp_files(folder)
+    owned = node_shards(list(range(layout.shards)), nodes, me)  # all shards on a single node
+    sweep_temp_files(folder, set(owned))
     existing = read_manifest(folder)
     missing = layout.missing()
     if existing is not None and not missing:
         return existing  # a finished cache is reused as it is
-    progress = _Progress(spec, len(devices))
-    if missing:
+    mine = node_shards(missing, nodes, me)
+    progress = _Progress(spec, len(devices), progress_name(nodes, me), me if nodes > 1 else None)
+    if mine:
+        who = f"node {me} of {nodes} (shards s % {nodes} == {me}): " if nodes > 1 else ""
         log(
-            f"building the cache in {folder}: {len(missing)} of {layout.shards} shards to make "
-            f"({sum(layout.shard_images(s) for s in missing)} of {layout.images} images) on {len(devices)} generator(s)"
+            f"building the cache in {folder}: {who}{len(mine)} of {layout.shards} shards to make "
+            f"({sum(layout.shard_images(s) for s in mine)} of {layout.images} images) on {len(devices)} generator(s)"
         )
-        supervisor = BuildSupervisor(worker, devices, units_of(layout, missing), slots, log=log, **supervise)
-        _make_shards(layout, missing, progress, supervisor, spawn_guard, progress_stream)
-    return _write_manifest(layout, spec, progress)
+        progress.begin()
+        supervisor = BuildSupervisor(worker, devices, units_of(layout, mine), slots, log=log, **supervise)
+        writer = f"node{me}-{os.getpid()}"
+        share = sum(layout.shard_images(s) for s in owned)
+        bar = BuildProgress(share, share - sum(layout.shard_images(s) for s in mine), progress_stream)
+        _make_shards(layout, mine, progress, supervisor, spawn_guard, bar, writer, min(5.0, patience / 4))
+    progress.finish()
+    if nodes > 1:
+        _wait_for_nodes(layout, nodes, me, patience, lost_peer, log)
+        if me != 0:
+            return _wait_for_manifest(folder, patience, lost_peer)
+    return _write_manifest(layout, spec, nodes)
 
 
 def units_of(layout: Layout, shards: list[int]) -> list[int]:
@@ -248,10 +321,16 @@ def units_of(layout: Layout, shards: list[int]) -> list[int]:
 
 
 def _make_shards(
-    layout: Layout, missing: list[int], progress: _Progress, supervisor: BuildSupervisor, spawn_guard, stream
+    layout: Layout,
+    missing: list[int],
+    progress: _Progress,
+    supervisor: BuildSupervisor,
+    spawn_guard,
+    bar: BuildProgress,
+    writer_name: str | None = None,
+    beat_every: float = 5.0,
 ) -> None:
-    writer = ShardWriter(layout)
-    bar = BuildProgress(layout.images, layout.images - len(units_of(layout, missing)) * layout.unit_size, stream)
+    writer = ShardWriter(layout, writer_name)
     remaining = len(missing)
     try:
         with spawn_guard():
@@ -259,6 +338,7 @@ def _make_shards(
         queue = supervisor.queues[0]
         while remaining:
             supervisor.poll(1.0, extra=[queue.filled])
+            progress.beat(beat_every)
             queue.filled.drain()
             while queue.count(FILLED):
                 slot = queue.get()
@@ -277,8 +357,90 @@ def _make_shards(
         progress.record()
 
 
-def _write_manifest(layout: Layout, spec: CacheSpec, progress: _Progress) -> dict[str, Any]:
-    sha = progress.state["sha256"]
+def _peek(path: Path) -> str | None:
+    """A file's text, or None if it is absent or unreadable (yet)."""
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _is_done(text: str | None) -> bool:
+    try:
+        return bool(text) and json.loads(text).get("done") is True
+    except ValueError:
+        return False
+
+
+def _wait_for_nodes(
+    layout: Layout, nodes: int, me: int, patience: float, lost_peer: Callable[[], str | None] | None, log
+) -> None:
+    """Until every shard exists and every other node has recorded that it made its shards.
+
+    Bounded: ``patience`` seconds without any new shard or progress record of another node
+    (they record every few seconds while building) end the wait with `CacheBuildFailed`."""
+    folder = Path(layout.dir)
+    peers = [j for j in range(nodes) if j != me]
+    seen: tuple | None = None
+    since = time.monotonic()
+    any_sign, said = False, False
+    while True:
+        missing = layout.missing()
+        texts = {j: _peek(folder / progress_name(nodes, j)) for j in peers}
+        if not missing and all(_is_done(t) for t in texts.values()):
+            return
+        if not said:
+            log(
+                f"node {me} made its shards; waiting for the other nodes ({len(missing)} of {layout.shards} still to come)"
+            )
+            said = True
+        lost = lost_peer() if lost_peer is not None else None
+        if lost is not None:
+            raise CacheBuildFailed(f"{lost} while the nodes built the cache in {folder}; start them all again to go on")
+        any_sign = any_sign or any(t is not None for t in texts.values())
+        now, snapshot = time.monotonic(), (tuple(missing), tuple(texts.values()))
+        if snapshot != seen:
+            seen, since = snapshot, now
+        elif now - since > patience:
+            if not any_sign:
+                raise CacheBuildFailed(
+                    f"node {me} made its shards, but no other node's shard or progress appeared in --cache.dir "
+                    f"{folder} within {patience:.0f} s (--dist.timeout): cache.dir must be a folder shared by all "
+                    "nodes, and every node must run the build"
+                )
+            late = sorted({s % nodes for s in missing} | {j for j, t in texts.items() if not _is_done(t)})
+            raise CacheBuildFailed(
+                f"no new shard or progress from node(s) {', '.join(map(str, late))} in --cache.dir {folder} for "
+                f"{patience:.0f} s (--dist.timeout): is it still running? the shards made are kept; start every "
+                "node again to go on"
+            )
+        time.sleep(max(0.05, min(1.0, patience / 10)))
+
+
+def _wait_for_manifest(folder: Path, patience: float, lost_peer: Callable[[], str | None] | None) -> dict[str, Any]:
+    """Node 0's manifest, which it writes as soon as every shard exists (bounded by ``patience``)."""
+    deadline = time.monotonic() + patience
+    while (manifest := read_manifest(folder)) is None:
+        lost = lost_peer() if lost_peer is not None else None
+        if lost is not None:
+            raise CacheBuildFailed(f"{lost} before it wrote the cache's manifest.json in {folder}")
+        if time.monotonic() > deadline:
+            raise CacheBuildFailed(
+                f"every shard is in --cache.dir {folder} but node 0 wrote no manifest.json within {patience:.0f} s "
+                "(--dist.timeout): is node 0 still running?"
+            )
+        time.sleep(max(0.05, min(0.5, patience / 10)))
+    return manifest
+
+
+def _write_manifest(layout: Layout, spec: CacheSpec, nodes: int = 1) -> dict[str, Any]:
+    """The manifest, from every progress file in the folder: the sum of their device-seconds
+    (all nodes, all sessions) and their shards' sha256."""
+    states = all_progress(layout.dir)
+    sha: dict[str, str] = {}
+    for state in states.values():
+        sha.update(state.get("sha256", {}))
+    ours = [states.get(progress_name(nodes, k), {}) for k in range(nodes)]  # this build's nodes
     for s in range(layout.shards):  # shards renamed by a build killed before it recorded them
         name = layout.shard_name(s)
         if name not in sha:
@@ -298,9 +460,10 @@ def _write_manifest(layout: Layout, spec: CacheSpec, progress: _Progress) -> dic
             for s in range(layout.shards)
         ],
         "build": {
-            "device_seconds": progress.state["device_seconds"],
-            "devices": progress.devices,
-            "sessions": progress.state["sessions"],
+            "device_seconds": sum(float(state.get("device_seconds", 0.0)) for state in states.values()),
+            "devices": sum(int(state.get("devices", 0)) for state in ours),  # over all nodes
+            "nodes": nodes,
+            "sessions": [session for state in states.values() for session in state.get("sessions", [])],
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

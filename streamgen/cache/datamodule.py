@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ class CacheBatches(IterableDataset):
 
     def __init__(self, data: CacheDataModule, prefetch: int = 2) -> None:
         self.data, self.prefetch = data, prefetch
+        self.wait_seconds = 0.0  # time the trainer spent waiting for the reader: its starvation
 
     def _batches(self, epoch: int, first: int):
         """(epoch, batch index, sample ids) from the position on, epoch after epoch."""
@@ -76,10 +78,12 @@ class CacheBatches(IterableDataset):
         thread.start()
         try:
             while True:
+                started = time.perf_counter()
                 try:
                     item = ahead.get(timeout=1.0)
                 except queue.Empty:
                     item = None
+                self.wait_seconds += time.perf_counter() - started
                 if os.getppid() != owner:
                     raise OwnerDied(f"the launcher (pid {owner}) that owns the run has exited")
                 if item is None:
@@ -129,7 +133,8 @@ class CacheDataModule(SourceDataModule):
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: whole batches are gathered at once; no workers: the memory maps are
         # read in this process (the page cache is shared anyway).
-        return DataLoader(CacheBatches(self), batch_size=None, num_workers=0)
+        self.stream = CacheBatches(self)  # its wait_seconds: the trainer's wait fraction, as the stream's
+        return DataLoader(self.stream, batch_size=None, num_workers=0)
 
     def _mark_consumed(self, batch: dict[str, Any]) -> None:
         epoch, b = int(batch["epoch"]), int(batch["batch"])

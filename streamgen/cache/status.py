@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from streamgen.cache.build import sha256_file
-from streamgen.cache.layout import Layout, read_manifest, read_progress
+from streamgen.cache.layout import Layout, all_progress, read_manifest, read_progress
 
 
 def info(folder: str | Path, layout: Layout | None = None) -> dict[str, Any]:
-    """The manifest (or the build's progress when unfinished), the shards present and the size on disk."""
+    """The manifest (or the build's progress, of every node, when unfinished), the shards present and the size on disk."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     shards = sorted(folder.glob("shard-*.bin"))
@@ -19,6 +19,7 @@ def info(folder: str | Path, layout: Layout | None = None) -> dict[str, Any]:
         "folder": str(folder),
         "complete": manifest is not None,
         "manifest": manifest if manifest is not None else read_progress(folder),
+        "progress": {} if manifest is not None else all_progress(folder),  # every node's, when several build
         "shards_on_disk": len(shards),
         "shards_needed": layout.shards if layout is not None else None,
         "shards_complete": len(present) if present is not None else None,
