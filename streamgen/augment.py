@@ -123,19 +123,23 @@ JITTER_P = 0.8
 GRAYSCALE_P = 0.2
 
 
-def crop_grid(boxes: torch.Tensor, flip: torch.Tensor, size: int, height: int, width: int) -> torch.Tensor:
-    """``grid_sample`` grid ``[n, size, size, 2]`` that resizes each box (x1, y1, x2, y2) to ``size``.
+def crop_grid(boxes: torch.Tensor, flip: torch.Tensor, size: int, height: int, width: int, batch: int) -> torch.Tensor:
+    """``grid_sample`` grid ``[batch, count * size, size, 2]`` resizing each box (x1, y1, x2, y2) to ``size``.
 
-    Output pixel j's centre samples the box at ``x1 + (j + 0.5) * w / size - 0.5`` (torchvision's
-    resize convention, align_corners=False); a flip negates the x scale, so it costs nothing.
+    ``boxes``/``flip`` are crop-major (row k*batch + i: crop k of image i); image i's grid stacks its
+    ``count`` crops vertically. Output pixel j's centre samples the box at ``x1 + (j + 0.5) * w / size
+    - 0.5`` (torchvision's resize convention, align_corners=False); a flip negates the x scale: free.
     """
     steps = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) * 2 + 1) / size - 1  # [-1, 1] centres
     x1, y1, x2, y2 = boxes.unbind(1)
     x_scale = ((x2 - x1) / width).where(~flip, (x1 - x2) / width)
     gx = ((x1 + x2) / width - 1)[:, None] + x_scale[:, None] * steps
     gy = ((y1 + y2) / height - 1)[:, None] + ((y2 - y1) / height)[:, None] * steps
-    n = len(boxes)
-    return torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], dim=-1)
+    count = len(boxes) // batch
+    grid = torch.empty(batch, count, size, size, 2, device=boxes.device, dtype=boxes.dtype)
+    grid[..., 0] = gx.view(count, batch, 1, size).transpose(0, 1)
+    grid[..., 1] = gy.view(count, batch, size, 1).transpose(0, 1)
+    return grid.view(batch, count * size, size, 2)
 
 
 def resample_crops(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
@@ -145,11 +149,9 @@ def resample_crops(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, siz
     an image as one tall grid, so the image is never repeated in memory.
     """
     b, _, height, width = x.shape
-    count = len(boxes) // b
-    grid = crop_grid(boxes, flip, size, height, width).view(count, b, size, size, 2)
-    grid = grid.transpose(0, 1).reshape(b, count * size, size, 2)
+    grid = crop_grid(boxes, flip, size, height, width, b)
     out = torch.nn.functional.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
-    return out.view(b, 3, count, size * size)
+    return out.view(b, 3, len(boxes) // b, size * size)
 
 
 def hue_rotation(turns: torch.Tensor) -> torch.Tensor:
@@ -206,7 +208,10 @@ def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
     half = (size - 1) / 2
     t = torch.linspace(-half, half, size, device=sigma.device, dtype=sigma.dtype)
     kernel = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
-    return kernel / kernel.sum(1, keepdim=True)
+    kernel = kernel / kernel.sum(1, keepdim=True)
+    # Small sigmas leave subnormal tail weights (< 1e-38), which make a CPU convolution ~8x slower;
+    # weights below 1e-20 change no float32 result.
+    return kernel.where(kernel > 1e-20, 0.0)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
@@ -320,12 +325,11 @@ class MultiCrop(torch.nn.Module):
         }
 
     def crops(self, group: CropGroup, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch, size = len(x), group.size
+        size = group.size
         sampled = resample_crops(x, p["boxes"], p["flip"], size)  # [B, 3, count, size*size], 0..255
         matrix, offset = self.color_map(p, sampled.mean(3).permute(2, 0, 1).reshape(-1, 3) / 255)
-        # [count, B, 3, 3] x [B, 3, count, P] -> [count, B, 3, P]: the crop-major layout, in one pass
-        out = torch.einsum("kbij,bjkp->kbip", matrix.view(group.count, batch, 3, 3), sampled)
-        out = out.reshape(-1, 3, size, size).add_(offset.view(-1, 3, 1, 1))
+        pixels = sampled.permute(2, 0, 1, 3).reshape(-1, 3, size * size)  # crop-major (a view for one crop)
+        out = torch.baddbmm(offset.unsqueeze(2), matrix, pixels).view(-1, 3, size, size)
         mean, std = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1), x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
         for channel, (m, sd) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):  # [0, 1] pixels, normalised
             out[:, channel].clamp_(-m / sd, (1 - m) / sd)  # (scalar bounds: a fast path tensor bounds lack)

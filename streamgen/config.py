@@ -437,6 +437,8 @@ def validate(cfg: RunConfig) -> None:
     _validate_numbers(cfg)
     g, s, t = cfg.generator, cfg.stream, cfg.train
     checks = [
+        (cfg.dist.timeout > 0, f"--dist.timeout must be > 0 seconds (got {cfg.dist.timeout}): how long a lost node may go unnoticed"),
+        (cfg.dist.nodes is None or cfg.dist.nodes >= 1, f"--dist.nodes must be at least 1 (got {cfg.dist.nodes})"),
         (cfg.generators >= 1, f"--generators must be at least 1 (got {cfg.generators})"),
         (cfg.trainers >= 1, f"--trainers must be at least 1 (got {cfg.trainers})"),
         (g.guidance >= 0, f"--generator.guidance must be >= 0 (got {g.guidance}); 7.5 or 2.0 as in the paper"),

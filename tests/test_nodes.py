@@ -153,3 +153,18 @@ def test_under_torchrun_one_launcher_per_node_and_its_port_left_to_it():
     assert (p.nodes, p.node_rank, p.master_addr, p.master_port) == (2, 1, "n0", 29501)
     with pytest.raises(UsageError, match="--nproc_per_node 1"):
         resolve_placement(DistConfig(), env={**env, "LOCAL_WORLD_SIZE": "8", "WORLD_SIZE": "16"})
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dist.timeout", "0"], "--dist.timeout must be > 0"),
+        (["--dist.nodes", "0"], "--dist.nodes must be at least 1"),
+        (["--dist.node_rank", "-1"], "dist.node_rank"),
+    ],
+)
+def test_bad_dist_flags_are_refused_before_anything_starts(flags, message):
+    from streamgen.config import parse_config
+
+    with pytest.raises(UsageError, match=message):
+        parse_config(flags)
