@@ -8,15 +8,16 @@ Two recipes, chosen by `build_augment` from ``train.augment``:
   is antialiased). Returns one normalised float tensor ``[B, 3, crop, crop]``.
 - ``multicrop``: `MultiCrop`, the multi-crop recipe of t-ReX (naver/trex ``multi_crop.py``,
   itself DINO's): G global and L local crops per image, each with its own bicubic resized crop,
-  flip, colour jitter, grayscale, Gaussian blur and (globals only) solarisation. Built from
-  kornia augmentations and a batched colour jitter, which draw every parameter per image for
-  the whole batch at once on the batch's device. Returns a list with **one tensor per resolution, globals first**:
+  flip, colour jitter, grayscale, Gaussian blur and (globals only) solarisation, every parameter
+  drawn per crop for the whole batch at once on the batch's device; per group of crops one
+  bicubic ``grid_sample``, one batched colour matrix, one grouped blur convolution.
+  Returns a list with **one tensor per resolution, globals first**:
   ``[G*B, 3, g, g]`` then ``[L*B, 3, l, l]`` (no local tensor when L = 0). Rows are crop-major:
   row ``k*B + i`` is crop k of image i, so the labels of a group of N crops are
   ``labels.repeat(N)``.
 
 Neither recipe runs per-sample Python or reads anything back to the host on the hot path,
-with one exception noted in `MultiCrop`.
+with one exception on a CPU noted in `MultiCrop`.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def blur_kernel_size(size: int, sigma_max: float = BLUR_SIGMA[1]) -> int:
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (t-ReX's ColorJitter)
 JITTER_P = 0.8
+RESAMPLE_MODES = ("bicubic", "bilinear")  # the recipe's is bicubic; bilinear costs ~1/3 of it on a CPU
 GRAYSCALE_P = 0.2
 
 
@@ -142,15 +144,18 @@ def crop_grid(boxes: torch.Tensor, flip: torch.Tensor, size: int, height: int, w
     return grid.view(batch, count * size, size, 2)
 
 
-def resample_crops(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic crops of float ``[B, 3, H, W]``: ``boxes``/``flip`` crop-major (row k*B + i: crop k of image i).
+def resample_crops(
+    x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int, mode: str = "bicubic"
+) -> torch.Tensor:
+    """Crops of float ``[B, 3, H, W]`` (``mode``: bicubic or bilinear): ``boxes``/``flip`` crop-major
+    (row k*B + i: crop k of image i).
 
     Returns ``[B, 3, count, size * size]``: one ``grid_sample`` call samples all ``count`` crops of
     an image as one tall grid, so the image is never repeated in memory.
     """
     b, _, height, width = x.shape
     grid = crop_grid(boxes, flip, size, height, width, b)
-    out = torch.nn.functional.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    out = torch.nn.functional.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
     return out.view(b, 3, len(boxes) // b, size * size)
 
 
@@ -266,13 +271,16 @@ class MultiCrop(torch.nn.Module):
       grayscale and normalisation are composed and clamped once, so a step that saturates
       (brightness 1.4 on highlights) and a later one that would pull values back in differ, and
       contrast's mean luma is that of the unclamped image;
-    - hue is a rotation about the gray axis (`hue_rotation`), not torchvision's HSV hue shift: the
-      same at multiples of a sextant's hue on pure colours, a few percent off in between;
-    - the jitter order is drawn per crop (as torchvision) as a permutation ``params["order"]``;
-    - the crop is bicubic without antialiasing (the recipe's crops shrink a 256 px image by at most
+    - hue is a rotation about the gray axis (`hue_rotation`), not torchvision's HSV hue shift: both
+      map red to green at a third of a turn; within the recipe's +-0.1 turn they differ by ~4% of
+      the range on average (HSV keeps max(r, g, b), the rotation keeps (r + g + b) / 3);
+    - the blur kernel's weights below 1e-20 are zero (`gaussian_kernels`: no visible change);
+    - the crop is bicubic (``resample="bilinear"``: faster, not the recipe's) without antialiasing (the recipe's crops shrink a 256 px image by at most
       ~1.4x) and its bicubic taps read the pixels just outside the box (torchvision replicates the
       box's edge): they differ only in the outermost output pixel;
     - on a CPU, picking the crops to blur/solarise reads their masks back (`apply_where`).
+
+    As torchvision, the four jitter steps run in an order drawn per crop (``params["order"]``).
     """
 
     def __init__(
@@ -286,8 +294,12 @@ class MultiCrop(torch.nn.Module):
         global_blur_p: float = 1.0,
         local_blur_p: float = 0.5,
         solarize_p: float = 0.2,
+        resample: str = "bicubic",
     ) -> None:
         super().__init__()
+        if resample not in RESAMPLE_MODES:
+            raise ValueError(f"resample must be one of {', '.join(RESAMPLE_MODES)}, not {resample!r}")
+        self.resample = resample
         self.groups = [CropGroup(global_crops, global_size, global_scale, global_blur_p, solarize_p)]
         if local_crops > 0:
             self.groups.append(CropGroup(local_crops, local_size, local_scale, local_blur_p, 0.0))
@@ -326,7 +338,7 @@ class MultiCrop(torch.nn.Module):
 
     def crops(self, group: CropGroup, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         size = group.size
-        sampled = resample_crops(x, p["boxes"], p["flip"], size)  # [B, 3, count, size*size], 0..255
+        sampled = resample_crops(x, p["boxes"], p["flip"], size, self.resample)  # [B, 3, count, size*size], 0..255
         matrix, offset = self.color_map(p, sampled.mean(3).permute(2, 0, 1).reshape(-1, 3) / 255)
         pixels = sampled.permute(2, 0, 1, 3).reshape(-1, 3, size * size)  # crop-major (a view for one crop)
         out = torch.baddbmm(offset.unsqueeze(2), matrix, pixels).view(-1, 3, size, size)
@@ -336,7 +348,9 @@ class MultiCrop(torch.nn.Module):
         if group.blur_p > 0:
             k = blur_kernel_size(size)
             sigma = p["sigma"]
-            out = apply_where(out, p["blur"], lambda y, rows: gaussian_blur(y, sigma if rows is None else sigma[rows], k))
+            out = apply_where(
+                out, p["blur"], lambda y, rows: gaussian_blur(y, sigma if rows is None else sigma[rows], k)
+            )
         if group.solarize_p > 0:
             threshold, flipped = (SOLARIZE_THRESHOLD - mean) / std, (1 - 2 * mean) / std
             out = apply_where(out, p["solarize"], lambda y, _: torch.where(y >= threshold, flipped - y, y))

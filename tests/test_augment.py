@@ -112,7 +112,9 @@ def test_crop_scales_and_aspects_follow_torchvision_law(scale):
     """Area fractions and aspects of the boxes MultiCrop draws follow RandomResizedCrop's law (KS tests)."""
     torch.manual_seed(0)
     n, side = 4000, 256
-    params = MultiCrop(96, local_crops=0, global_scale=scale).draw(CropGroup(1, 96, scale, 0.0, 0.0), torch.empty(n, 3, side, side))
+    params = MultiCrop(96, local_crops=0, global_scale=scale).draw(
+        CropGroup(1, 96, scale, 0.0, 0.0), torch.empty(n, 3, side, side)
+    )
     x1, y1, x2, y2 = params["boxes"].unbind(1)
     area, aspect = (x2 - x1) * (y2 - y1) / side**2, (x2 - x1) / (y2 - y1)
     ref_area, ref_aspect = torchvision_box_sizes(scale, n, side)
@@ -126,7 +128,8 @@ def test_crop_scales_and_aspects_follow_torchvision_law(scale):
         assert stats.kstest(area.numpy(), uniform).pvalue > 1e-3
 
 
-def test_resampled_crops_match_torchvision_resized_crop_and_flip():
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_resampled_crops_match_torchvision_resized_crop_and_flip(mode):
     """Each crop is torchvision's bicubic resized_crop of its box (flipped if drawn), crop-major rows.
 
     torchvision resamples the cropped image, so its outermost pixels replicate the box's edge where
@@ -136,10 +139,11 @@ def test_resampled_crops_match_torchvision_resized_crop_and_flip():
     x = torch.rand(b, 3, side, side)
     boxes = random_resized_boxes(count * b, side, side, scale=(0.4, 1.0))
     flip = torch.tensor([False, True, False, True, True, False])
-    out = resample_crops(x, boxes, flip, size).view(b, 3, count, size, size)
+    out = resample_crops(x, boxes, flip, size, mode).view(b, 3, count, size, size)
     for n, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
         k, i = divmod(n, b)  # row k*B + i is crop k of image i
-        expected = F.resized_crop(x[i], y1, x1, y2 - y1, x2 - x1, [size, size], v2.InterpolationMode.BICUBIC, antialias=False)
+        interpolation = v2.InterpolationMode.BICUBIC if mode == "bicubic" else v2.InterpolationMode.BILINEAR
+        expected = F.resized_crop(x[i], y1, x1, y2 - y1, x2 - x1, [size, size], interpolation, antialias=False)
         if flip[n]:
             expected = expected.flip(-1)
         inner = (slice(None), slice(2, -2), slice(2, -2))
@@ -281,6 +285,14 @@ def test_solarised_crops_are_exactly_the_drawn_ones():
     assert (brightest[solarised] <= SOLARIZE_THRESHOLD + 1e-4).all()
     assert (brightest[~solarised] > SOLARIZE_THRESHOLD + 0.05).float().mean() > 0.9
     assert "solarize" in multicrop.params[1] and not multicrop.params[1]["solarize"].any()  # locals: never
+
+
+def test_bilinear_resampling_is_an_option_and_a_typo_is_refused():
+    torch.manual_seed(0)
+    crops = MultiCrop(24, 10, local_crops=2, resample="bilinear")(random_images(3, 32))
+    assert [tuple(c.shape) for c in crops] == [(3, 3, 24, 24), (6, 3, 10, 10)]
+    with pytest.raises(ValueError, match="resample must be one of bicubic, bilinear"):
+        MultiCrop(resample="bicubc")
 
 
 def test_same_seed_same_crops_other_seed_other_crops():

@@ -145,6 +145,16 @@ def test_features_are_the_pooled_backbone_output_whatever_the_head():
     assert not net.avgpool._forward_hooks  # the hook is removed
 
 
+def test_a_streamgen_classifier_with_a_trex_head_gives_its_backbone_features():
+    from streamgen.model import Classifier
+
+    model = Classifier(arch="resnet18", class_keys=["a", "b", "c"], head="trex").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone_features(model, images), model.net(images))  # fc is Identity there
+        assert backbone_features(model, images).shape == (2, 512) and model(images).shape == (2, 3)
+
+
 def test_images_are_transformed_as_trex_transforms_them():
     from torchvision import transforms as T
 
