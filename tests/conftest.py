@@ -130,11 +130,20 @@ def shm_entries() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
+def _is_resource_tracker(pid: str) -> bool:
+    """multiprocessing's own helper: started once per interpreter by the first spawn, it lives as
+    long as the test session by design (a run's processes are checked, not Python's)."""
+    try:
+        return b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def descendants(pid: int) -> list[int]:
     """Live descendants of ``pid`` (from /proc), for checking that a run left no process."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or _is_resource_tracker(entry):
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()

@@ -96,7 +96,7 @@ def test_named_classes_from_yaml_and_csv(tmp_path):
         ("n02086910\nn02086910\n", ".txt", "n02086910 appears twice"),
         ("papillon\n", ".txt", "'papillon' is not a WordNet id"),
         ("- description: no name\n", ".yaml", "has no 'name'"),
-        ("name: [unclosed\n", ".yaml", "cannot parse"),
+        ("name: [unclosed\n", ".yaml", "not valid YAML"),
     ],
 )
 def test_bad_class_files_name_the_culprit(tmp_path, content, suffix, message):
