@@ -533,6 +533,7 @@ def test_a_generator_that_keeps_failing_stops_the_run_with_its_traceback(train_r
     assert_nothing_left(run, shm_before)
 
 
+@pytest.mark.long  # also: test_sigterm_saves_last_ckpt_and_the_resumed_run_loses_no_step, test_multinode
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_resume_continues_the_stream_exactly(train_run, tmp_path):
@@ -594,6 +595,7 @@ def test_resume_with_another_class_set_is_refused(tmp_path, capsys):
     assert code == 2 and "another class set (imagenet1k); run with --classes imagenet1k" in capsys.readouterr().err
 
 
+@pytest.mark.long  # also: test_multinode's killed node
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_run_killed_as_a_whole_leaves_nothing_and_the_next_starts(train_run, tmp_path):
@@ -607,6 +609,7 @@ def test_a_run_killed_as_a_whole_leaves_nothing_and_the_next_starts(train_run, t
     assert again.wait(180) == 0
 
 
+@pytest.mark.long  # also: test_multinode (1 node x 2 trainers)
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_trainer_ranks_share_the_stream_without_overlap(train_run, tmp_path):

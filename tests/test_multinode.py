@@ -1,5 +1,6 @@
 """Several nodes on one machine: launchers on localhost joined over gloo, as on a cluster."""
 
+import signal
 import socket
 import time
 
@@ -97,3 +98,21 @@ def test_nodes_with_different_configs_are_refused_before_training(train_run, tmp
         assert node.wait(120) == 2, node.output[-2000:]
     assert "train.lr is 0.2 there and 0.1 here" in nodes[0].output
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_on_one_node_stops_every_rank_at_one_step_after_the_checkpoint(train_run, tmp_path):
+    nodes = start_nodes(
+        train_run, 2, "--generators", "1", "--trainers", "1", "--train.max_steps", "100000", "--name", "term"
+    )
+    nodes[0].wait_for(" step=", 200)
+    time.sleep(2)
+    nodes[1].proc.send_signal(signal.SIGTERM)  # SLURM's notice reaches one node first
+    codes = [node.wait(150) for node in nodes]
+    assert codes[1] == 130 and codes[0] in (0, 130), [n.output[-1500:] for n in nodes]
+    folder = run_folder(tmp_path, "term")
+    step = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert step > 0
+    for rank in (0, 1):  # every rank stopped after the same step, all of it in the checkpoint
+        assert [s for s, _ in read_consumed(folder, rank)] == list(range(step))

@@ -3,6 +3,7 @@
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +169,30 @@ def test_bad_dist_flags_are_refused_before_anything_starts(flags, message):
 
     with pytest.raises(UsageError, match=message):
         parse_config(flags)
+
+
+def test_resume_with_another_node_count_is_refused(tmp_path, capsys):
+    """A checkpoint of 2 nodes x 1 trainer cannot resume on 1 node x 1 trainer."""
+    import torch
+
+    from streamgen.classes import load_classes
+    from streamgen.launch import main
+    from streamgen.stream import StreamDataModule
+
+    state = {
+        "format": "streamgen-stream/1",
+        "classes": load_classes("imagenet100:10").fingerprint(),
+        "class_spec": "imagenet100:10",
+        "seed": 0,
+        "unit_size": 8,
+        "world": 2,
+        "cursors": [{"rank": r, "world": 2, "below": 3, "done": []} for r in range(2)],
+    }
+    ckpt = tmp_path / "two-nodes.ckpt"
+    torch.save({StreamDataModule.__qualname__: state}, ckpt)
+    config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    code = main(["--config", str(config), "--out", str(tmp_path / "runs"), "--resume", str(ckpt)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "2 trainer ranks in all (nodes x --trainers), this run 1" in err
+    assert not (tmp_path / "runs").exists()
