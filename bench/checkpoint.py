@@ -50,7 +50,9 @@ def measure(io, checkpoint: dict, path: Path, repeats: int) -> tuple[float, int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet50", help="torchvision model whose checkpoint is written")
-    parser.add_argument("--dir", default="runs/bench-checkpoint", help="folder to write in (the files are removed after)")
+    parser.add_argument(
+        "--dir", default="runs/bench-checkpoint", help="folder to write in (the files are removed after)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="writes per method (the best counts)")
     args = parser.parse_args()
     folder = Path(args.dir)

@@ -185,7 +185,8 @@ class DistConfig:
         None, "address of node 0, reachable from every node (default: MASTER_ADDR, or the first SLURM node)"
     )
     master_port: int | None = _f(
-        None, "port of node 0 for the trainers' DDP group; the launchers use the next port (default: MASTER_PORT or 29500)"
+        None,
+        "port of node 0 for the trainers' DDP group; the launchers use the next port (default: MASTER_PORT or 29500)",
     )
     timeout: float = _f(
         120.0,
@@ -406,7 +407,9 @@ def _add_flag(parser, key: str, f: dataclasses.Field, default: Any, origin: str 
         f"--{key}",
         dest=key,
         default=argparse.SUPPRESS,
-        metavar="{true,false}" if is_bool else ("{" + ",".join(choices) + "}" if choices else key.split(".")[-1].upper()),
+        metavar="{true,false}"
+        if is_bool
+        else ("{" + ",".join(choices) + "}" if choices else key.split(".")[-1].upper()),
         nargs="?" if is_bool else None,
         const="true" if is_bool else None,  # a bare boolean flag turns it on
         help=f"{f.metadata.get('help', '')} (default: {default}{origin})",
@@ -437,7 +440,10 @@ def validate(cfg: RunConfig) -> None:
     _validate_numbers(cfg)
     g, s, t = cfg.generator, cfg.stream, cfg.train
     checks = [
-        (cfg.dist.timeout > 0, f"--dist.timeout must be > 0 seconds (got {cfg.dist.timeout}): how long a lost node may go unnoticed"),
+        (
+            cfg.dist.timeout > 0,
+            f"--dist.timeout must be > 0 seconds (got {cfg.dist.timeout}): how long a lost node may go unnoticed",
+        ),
         (cfg.dist.nodes is None or cfg.dist.nodes >= 1, f"--dist.nodes must be at least 1 (got {cfg.dist.nodes})"),
         (cfg.generators >= 1, f"--generators must be at least 1 (got {cfg.generators})"),
         (cfg.trainers >= 1, f"--trainers must be at least 1 (got {cfg.trainers})"),
@@ -496,7 +502,10 @@ def validate(cfg: RunConfig) -> None:
             f"--train.budget_gpu_hours must be > 0 (got {t.budget_gpu_hours}); leave it unset for no budget",
         ),
         (cfg.source in ("stream", "cache"), f"--source must be stream or cache (got {cfg.source!r})"),
-        (cfg.cache.format == "raw", f"--cache.format must be raw (got {cfg.cache.format!r}); export writes PNG or WebDataset"),
+        (
+            cfg.cache.format == "raw",
+            f"--cache.format must be raw (got {cfg.cache.format!r}); export writes PNG or WebDataset",
+        ),
         (cfg.cache.shard_units >= 1, f"--cache.shard_units must be at least 1 (got {cfg.cache.shard_units})"),
         (t.epochs is None or t.epochs >= 1, f"--train.epochs must be at least 1 (got {t.epochs})"),
     ]

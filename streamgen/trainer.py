@@ -212,7 +212,10 @@ def build_trainer(spec: TrainerSpec, logger, callbacks: list):
         devices=job.trainer_devices,
         strategy=_strategy(job) if world > 1 else "auto",
         num_nodes=job.placement.nodes,
-        plugins=[_cluster_environment(), AtomicCheckpointIO()],  # atomic: never a partial file under a checkpoint's name
+        plugins=[
+            _cluster_environment(),
+            AtomicCheckpointIO(),
+        ],  # atomic: never a partial file under a checkpoint's name
         max_steps=t.max_steps,
         max_epochs=-1,
         precision=resolve_precision(job),
