@@ -312,9 +312,13 @@ class StreamMonitor(L.Callback):
         rank (a collective: every rank calls it at the same steps). Rows: node, made, fill."""
         made = self.stats.total("images") if self.stats is not None and trainer.local_rank == 0 else 0.0
         fill = self.queue.count(FILLED) / self.queue.slots if self.queue is not None else 0.0
+        import torch.distributed as dist
+
         mine = torch.tensor([[float(trainer.node_rank), made, fill]], dtype=torch.float64)
-        gathered = trainer.strategy.all_gather(mine.to(trainer.strategy.root_device))
-        return gathered.reshape(-1, 3).cpu().numpy()
+        mine = mine.to(trainer.strategy.root_device)  # gloo: CPU; NCCL: this rank's GPU
+        gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        return torch.cat(gathered).cpu().numpy()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step

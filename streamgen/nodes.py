@@ -43,10 +43,15 @@ OUTER_LAUNCHER_ENV = (
     "NODE_RANK",
     "MASTER_ADDR",
     "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_RESTART_COUNT",
-    "TORCHELASTIC_MAX_RESTARTS",
 )
+OUTER_LAUNCHER_PREFIXES = ("TORCHELASTIC_",)  # e.g. TORCHELASTIC_USE_AGENT_STORE: torchrun's own store
+
+
+def without_outer_launcher(env: dict[str, str]) -> dict[str, str]:
+    """``env`` less what torchrun or srun set for the launcher (a trainer rank gets its own)."""
+    return {
+        k: v for k, v in env.items() if k not in OUTER_LAUNCHER_ENV and not k.startswith(OUTER_LAUNCHER_PREFIXES)
+    }
 
 
 @dataclass(frozen=True)

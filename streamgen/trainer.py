@@ -17,7 +17,7 @@ from streamgen.checks import Job
 from streamgen.control import StopControl
 from streamgen.generator import GeneratorStats
 from streamgen.heartbeat import Pulse
-from streamgen.nodes import OUTER_LAUNCHER_ENV
+from streamgen.nodes import without_outer_launcher
 from streamgen.queue import OwnerDied, SlotQueue, StreamClosed, avoid_named_semaphores
 
 STOP_REASON = "stopping: the run was interrupted"
@@ -50,8 +50,9 @@ def trainer_main(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns shutdown: it turns
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # Ctrl-C and SIGTERM into a stop request
     avoid_named_semaphores()
-    for name in OUTER_LAUNCHER_ENV:  # torchrun's / SLURM's view of the launcher, not of this rank
-        os.environ.pop(name, None)
+    outer = set(os.environ) - set(without_outer_launcher(dict(os.environ)))
+    for name in outer:  # torchrun's / SLURM's view of the launcher, not of this rank
+        del os.environ[name]
     os.environ.update(spec.env)
     from streamgen.checkpoint import CheckpointWriteError
     from streamgen.stream import StopRequested

@@ -196,3 +196,10 @@ def test_resume_with_another_node_count_is_refused(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1
     assert "2 trainer ranks in all (nodes x --trainers), this run 1" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_trainer_rank_sheds_the_outer_launchers_variables():
+    from streamgen.nodes import without_outer_launcher
+
+    env = {"RANK": "1", "LOCAL_RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True", "PATH": "/bin", "NODE_RANK": "1"}
+    assert without_outer_launcher(env) == {"PATH": "/bin"}
