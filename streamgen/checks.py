@@ -31,6 +31,7 @@ from streamgen.plan import SamplePlan, UnitCursor, load_class_counts
 from streamgen.probe import check_probe_arch
 from streamgen.prompts import PromptTemplate
 from streamgen.queue import slot_nbytes
+from streamgen.resume import read_checkpoint
 from streamgen.transfer import check_probes
 
 
@@ -217,13 +218,7 @@ def check_run_folder(out: str, name: str) -> None:
 
 def check_resume_model(path: str, train: TrainConfig) -> None:
     """The checkpoint's network is the one this run builds (its hyper-parameters say which)."""
-    import torch
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(e).__name__})") from None
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    hparams = read_checkpoint(path).get("hyper_parameters")
     if not isinstance(hparams, dict):
         return
     defaults = {"head": "linear"}  # checkpoints from before the t-ReX head have a linear one
@@ -237,17 +232,9 @@ def check_resume_model(path: str, train: TrainConfig) -> None:
 
 
 def load_resume_cursors(path: str, meta: dict[str, Any]) -> list[UnitCursor]:
-    import torch
-
     from streamgen.stream import stream_state
 
-    if not Path(path).is_file():
-        raise UsageError(f"--resume {path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file at all
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(e).__name__})") from None
-    state = stream_state(checkpoint) if isinstance(checkpoint, dict) else None
+    state = stream_state(read_checkpoint(path))
     if state is None:
         raise UsageError(f"--resume {path}: not a streamgen checkpoint (it holds no stream position)")
     if state["classes"] != meta["classes"]:

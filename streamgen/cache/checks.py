@@ -7,7 +7,6 @@ the checkpoint to resume; it derives ``train.max_steps`` from ``train.epochs``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,17 +40,10 @@ def check_cache_run(
 
 def check_cache_resume(path: str, meta: dict[str, Any]) -> None:
     """The checkpoint holds a cache position of a run like this one (else UsageError)."""
-    import torch
-
     from streamgen.cache.datamodule import cache_state
+    from streamgen.resume import read_checkpoint
 
-    if not Path(path).is_file():
-        raise UsageError(f"--resume {path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file at all
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(e).__name__})") from None
-    state = cache_state(checkpoint) if isinstance(checkpoint, dict) else None
+    state = cache_state(read_checkpoint(path))
     if state is None:
         raise UsageError(
             f"--resume {path}: not a checkpoint of a cache run (it holds no cache position); resume it with --source stream"
