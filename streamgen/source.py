@@ -121,6 +121,24 @@ class SourceDataModule(L.LightningDataModule):
             self._log_file.close()
             self._log_file = None
 
+    # -- every rank's position in checkpoints -------------------------------------------------
+
+    def gather_positions(self, mine: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's position (``mine`` on this rank), for the checkpoint. Trainer.save_checkpoint
+        calls state_dict on every rank, so the gather is a collective every rank joins."""
+        if self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            positions: list = [None] * self.world
+            torch.distributed.all_gather_object(positions, mine)
+            return positions
+        return [mine]
+
+    def own_position(self, positions: list[dict[str, Any]], what: str) -> dict[str, Any]:
+        """This rank's entry of a checkpoint's gathered positions."""
+        mine = [p for p in positions if p["rank"] == self.rank]
+        if not mine:
+            raise RuntimeError(f"the checkpoint holds no {what} for rank {self.rank}")
+        return mine[0]
+
 
 def make_datamodule(
     job: Job, rank: int, run_dir: str | Path, queue=None, stop_requested: Callable[[], bool] | None = None

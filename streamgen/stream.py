@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset
 
 from streamgen.plan import UnitCursor, rank_unit
@@ -154,19 +153,11 @@ class StreamDataModule(SourceDataModule):
     # -- the stream position in checkpoints ---------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        mine = self.cursor.state_dict()
-        if self.world > 1 and dist.is_available() and dist.is_initialized():
-            cursors: list = [None] * self.world
-            dist.all_gather_object(cursors, mine)  # called on every rank by Trainer.save_checkpoint
-        else:
-            cursors = [mine]
+        cursors = self.gather_positions(self.cursor.state_dict())
         return {"format": STATE_FORMAT, **self.run_meta, "cursors": cursors}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = [c for c in state["cursors"] if c["rank"] == self.rank]
-        if not mine:
-            raise RuntimeError(f"the checkpoint holds no stream position for rank {self.rank}")
-        self.cursor = UnitCursor.from_state_dict(mine[0])
+        self.cursor = UnitCursor.from_state_dict(self.own_position(state["cursors"], "stream position"))
 
 
 def stream_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:

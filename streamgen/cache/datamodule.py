@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset
 
 from streamgen.cache.layout import Layout
@@ -152,19 +151,12 @@ class CacheDataModule(SourceDataModule):
     # -- the cache position in checkpoints ----------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        mine = {"rank": self.rank, "epoch": self.epoch, "batches": self.batches}
-        if self.world > 1 and dist.is_available() and dist.is_initialized():
-            positions: list = [None] * self.world
-            dist.all_gather_object(positions, mine)  # called on every rank by Trainer.save_checkpoint
-        else:
-            positions = [mine]
+        positions = self.gather_positions({"rank": self.rank, "epoch": self.epoch, "batches": self.batches})
         return {"format": STATE_FORMAT, **self.run_meta, "positions": positions}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = [p for p in state["positions"] if p["rank"] == self.rank]
-        if not mine:
-            raise RuntimeError(f"the checkpoint holds no cache position for rank {self.rank}")
-        self.epoch, self.batches = int(mine[0]["epoch"]), int(mine[0]["batches"])
+        mine = self.own_position(state["positions"], "cache position")
+        self.epoch, self.batches = int(mine["epoch"]), int(mine["batches"])
 
 
 def cache_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
