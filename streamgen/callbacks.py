@@ -29,8 +29,10 @@ So integer counts are logged so that smoothing cannot invent a state: the queue 
 a fill fraction averaged over the window (a smoothed average is still an average), counters
 only grow (read them with smoothing 0 or the tooltip's "Value"). Group order: the Time Series
 page sorts tag groups alphabetically (and opens only the first ones), which no log can change;
-the devices go under ``workers`` to sort after ``stream``, ``train`` and ``val``. The **Custom
-Scalars** page is the curated overview, in the order train, stream, val, probe, compute, devices.
+the devices go under ``workers`` to sort after ``stream``, ``train`` and ``val``, and the link
+of `streamgen.dashboard` (first line of the ``config`` text, and printed by the launcher) pins
+the train, stream and val cards at the top of the page. The **Custom Scalars** page is the
+curated overview, in the order train, stream, val, probe, compute, devices.
 
 The terminal (`StepProgressBar`): one bar in global steps with loss, top-1, images/s, wait
 fraction and ETA on a terminal; when stdout is not a terminal (SLURM, nohup, a pipe), one
@@ -58,6 +60,7 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from streamgen.dashboard import dashboard_query, pinned_tags
 from streamgen.generator import GeneratorStats
 from streamgen.plan import SamplePlan
 from streamgen.queue import FILLED, SlotQueue
@@ -283,7 +286,10 @@ class StreamMonitor(L.Callback):
         train, stream = resolved["train"], resolved["stream"]
         global_batch = stream["batch_size"] * self.world
         peak = float(train["lr"]) * global_batch / 256
+        pinned = pinned_tags(resolved["source"] == "stream", bool(train.get("val_dir")))
         notes = [
+            f"dashboard: [Time Series with train, stream and val pinned first]({dashboard_query(pinned)}) "
+            f"(the launcher prints the same link: `then open http://localhost:6006/?pinnedCards=...`)",
             f"learning rate: train.lr {train['lr']} is per 256 images; the global batch is {global_batch} "
             f"({stream['batch_size']} x {self.world} ranks), so the peak LR is {train['lr']} x {global_batch} / 256 "
             f"= {peak:g} (train/lr)",

@@ -37,6 +37,7 @@ from streamgen.cache.build import CacheBuildFailed
 from streamgen.checks import Job, prepare
 from streamgen.config import parse_config, to_dict
 from streamgen.control import StopControl
+from streamgen.dashboard import dashboard_url, pinned_tags
 from streamgen.errors import EXIT_USAGE, UsageError
 from streamgen.generator import WorkerSpec
 from streamgen.heartbeat import Heartbeats, TrainerStalled, TrainerWatch
@@ -350,7 +351,8 @@ def _start(
     cfg = job.cfg
     if job.placement.node_rank == 0:  # the run's config: the other nodes run the same (checked at start)
         write_atomically(run_dir / "config.yaml", yaml.safe_dump(resolved_config(job), sort_keys=False))
-    log(f"run folder {run_dir}  (watch: tensorboard --logdir {cfg.out})")
+    pinned = pinned_tags(cfg.source == "stream", bool(cfg.train.val_dir))
+    log(f"run folder {run_dir}  (watch: tensorboard --logdir {cfg.out}, then open {dashboard_url(pinned)})")
     _, trainer_threads = _threads_per_process(job)
     env = ddp_env(job)
     with _children_without_interrupts():

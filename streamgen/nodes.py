@@ -49,9 +49,7 @@ OUTER_LAUNCHER_PREFIXES = ("TORCHELASTIC_",)  # e.g. TORCHELASTIC_USE_AGENT_STOR
 
 def without_outer_launcher(env: dict[str, str]) -> dict[str, str]:
     """``env`` less what torchrun or srun set for the launcher (a trainer rank gets its own)."""
-    return {
-        k: v for k, v in env.items() if k not in OUTER_LAUNCHER_ENV and not k.startswith(OUTER_LAUNCHER_PREFIXES)
-    }
+    return {k: v for k, v in env.items() if k not in OUTER_LAUNCHER_ENV and not k.startswith(OUTER_LAUNCHER_PREFIXES)}
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import torch
 import torchvision
 import yaml
 from conftest import read_scalars
+from test_dashboard import STREAM_WITH_VAL, pinned_cards
 
 from streamgen.callbacks import (
     CAPTION_MIN_TILE,
@@ -20,6 +21,7 @@ from streamgen.callbacks import (
     prompt_table,
 )
 from streamgen.classes import load_classes
+from streamgen.dashboard import dashboard_query
 from streamgen.plan import SamplePlan
 from streamgen.prompts import PromptTemplate
 
@@ -175,6 +177,13 @@ def test_a_runs_dashboard_and_log_lines(train_run, tmp_path):
     assert any(v.tag == "custom_scalars__config__" for v in plugins["custom_scalars"])
     config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "peak LR is 0.1 x 8 / 256 = 0.003125" in config_text and "slots: 4" in config_text
+    # The link to the Time Series page with train, stream, val pinned: printed by the launcher and
+    # first in the config text; it pins only scalar tags this run wrote, in reading order.
+    printed = re.findall(r"then open (http://localhost:6006/\S+#timeseries)\)", out)
+    assert len(printed) == 1, out[:3000]
+    tags = [card["tag"] for card in pinned_cards(printed[0])]
+    assert tags == STREAM_WITH_VAL and set(tags) <= set(scalars)
+    assert config_text.splitlines()[0].startswith("- dashboard: [") and f"]({dashboard_query(tags)})" in config_text
     # The previews: 16 captioned tiles at the stream resolution (32 px, enlarged 4x for the caption).
     image = events.Images("stream/samples")[0]
     assert (image.width, image.height) == (4 * 128 + 10, 4 * 128 + 10)
