@@ -9,8 +9,8 @@ Two recipes, chosen by `build_augment` from ``train.augment``:
 - ``multicrop``: `MultiCrop`, the multi-crop recipe of t-ReX (naver/trex ``multi_crop.py``,
   itself DINO's): G global and L local crops per image, each with its own bicubic resized crop,
   flip, colour jitter, grayscale, Gaussian blur and (globals only) solarisation, every parameter
-  drawn per crop for the whole batch at once on the batch's device; per group of crops one
-  bicubic ``grid_sample``, one batched colour matrix, one grouped blur convolution.
+  drawn per crop for the whole batch at once on the batch's device; per group of crops, batched
+  matrix products: resize + flip + blur as one matrix per axis, then one colour matrix.
   Returns a list with **one tensor per resolution, globals first**:
   ``[G*B, 3, g, g]`` then ``[L*B, 3, l, l]`` (no local tensor when L = 0). Rows are crop-major:
   row ``k*B + i`` is crop k of image i, so the labels of a group of N crops are
@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import torch
 from torchvision.ops import roi_align
@@ -121,42 +121,171 @@ def blur_kernel_size(size: int, sigma_max: float = BLUR_SIGMA[1]) -> int:
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue (t-ReX's ColorJitter)
 JITTER_P = 0.8
-RESAMPLE_MODES = ("bicubic", "bilinear")  # the recipe's is bicubic; bilinear costs ~1/3 of it on a CPU
 GRAYSCALE_P = 0.2
 
 
-def crop_grid(boxes: torch.Tensor, flip: torch.Tensor, size: int, height: int, width: int, batch: int) -> torch.Tensor:
-    """``grid_sample`` grid ``[batch, count * size, size, 2]`` resizing each box (x1, y1, x2, y2) to ``size``.
+@cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices on AMX tiles (Linux flag ``amx_bf16``): ~10x its float32 rate."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in cpuinfo)
+    except OSError:
+        return False
 
-    ``boxes``/``flip`` are crop-major (row k*batch + i: crop k of image i); image i's grid stacks its
-    ``count`` crops vertically. Output pixel j's centre samples the box at ``x1 + (j + 0.5) * w / size
-    - 0.5`` (torchvision's resize convention, align_corners=False); a flip negates the x scale: free.
+
+def crop_dtype(device: torch.device) -> torch.dtype:
+    """The dtype `resized_crops` multiplies in: bfloat16 on an AMX CPU (its products run ~10x faster there;
+    the 0..255 pixels are exact in it, the results within ~1/255), float32 elsewhere (a GPU's float32 matmul
+    is fast, and follows ``torch.backends.cuda.matmul.allow_tf32``)."""
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else torch.float32
+
+
+def cubic_weights(t: torch.Tensor, a: float = -0.75) -> torch.Tensor:
+    """``[..., 4]`` weights of the taps floor(u) - 1 .. floor(u) + 2 at fractions ``t``: Keys' cubic
+    convolution with a = -0.75, the kernel of torch's (and torchvision's tensor) bicubic resampling."""
+
+    def near(d: torch.Tensor) -> torch.Tensor:  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d: torch.Tensor) -> torch.Tensor:  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    return torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], -1)
+
+
+class Scratch:
+    """Large intermediates reused from call to call (same name, shape, dtype and device).
+
+    On a CPU, a fresh allocation of tens of MB is page-faulted in on its first write, which costs
+    several times the write itself; the hot path's matrices and partial products are that size
+    every batch. `MultiCrop` keeps one on a CPU only: a GPU's caching allocator already reuses
+    memory, and buffers kept there would hold ~1 GB of device memory between batches.
     """
-    steps = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) * 2 + 1) / size - 1  # [-1, 1] centres
-    x1, y1, x2, y2 = boxes.unbind(1)
-    x_scale = ((x2 - x1) / width).where(~flip, (x1 - x2) / width)
-    gx = ((x1 + x2) / width - 1)[:, None] + x_scale[:, None] * steps
-    gy = ((y1 + y2) / height - 1)[:, None] + ((y2 - y1) / height)[:, None] * steps
-    count = len(boxes) // batch
-    grid = torch.empty(batch, count, size, size, 2, device=boxes.device, dtype=boxes.dtype)
-    grid[..., 0] = gx.view(count, batch, 1, size).transpose(0, 1)
-    grid[..., 1] = gy.view(count, batch, size, 1).transpose(0, 1)
-    return grid.view(batch, count * size, size, 2)
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        tensor = self.tensors.get(name)
+        if tensor is None or tensor.shape != shape or tensor.dtype != dtype or tensor.device != device:
+            tensor = self.tensors[name] = torch.empty(shape, dtype=dtype, device=device)
+        return tensor
 
 
-def resample_crops(
-    x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int, mode: str = "bicubic"
+BORDER = 2  # bicubic taps reach 2 pixels past a line's ends: `padded_rows` repeats the edge pixels that far
+
+
+def padded_rows(
+    images: torch.Tensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Crops of float ``[B, 3, H, W]`` (``mode``: bicubic or bilinear): ``boxes``/``flip`` crop-major
-    (row k*B + i: crop k of image i).
+    """uint8 ``[B, 3, H, W]`` -> ``[B, H + 4, 3, W + 4]`` in ``dtype`` (0..255 are exact in bfloat16), edge
+    pixels repeated ``BORDER`` deep (grid_sample's ``padding_mode="border"``): what `resized_crops` reads,
+    rows first so that one matrix product resamples the rows of all three channels."""
+    b, channels, height, width = images.shape
+    shape = (b, height + 2 * BORDER, channels, width + 2 * BORDER)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=images.device)
+    out[:, BORDER:-BORDER, :, BORDER:-BORDER] = images.permute(0, 2, 1, 3)  # one pass: layout and dtype
+    out[:, :BORDER] = out[:, BORDER : BORDER + 1]
+    out[:, -BORDER:] = out[:, -BORDER - 1 : -BORDER]
+    out[..., :BORDER] = out[..., BORDER : BORDER + 1]
+    out[..., -BORDER:] = out[..., -BORDER - 1 : -BORDER]
+    return out
 
-    Returns ``[B, 3, count, size * size]``: one ``grid_sample`` call samples all ``count`` crops of
-    an image as one tall grid, so the image is never repeated in memory.
+
+def bicubic_matrices(
+    lo: torch.Tensor, hi: torch.Tensor, flip: torch.Tensor, size: int, out: torch.Tensor
+) -> torch.Tensor:
+    """Fill ``out`` ``[n, size, length + 2 * BORDER]`` (zeroed) so that row j of matrix i resamples a line of
+    ``length`` pixels, padded as `padded_rows` pads it, at output pixel j of span ``[lo_i, hi_i)`` resized to
+    ``size`` (reversed where ``flip``), bicubic.
+
+    Pixel j's centre reads the line at ``lo + (j + 0.5) * (hi - lo) / size - 0.5`` (torchvision's resize
+    convention, align_corners=False); a box's outermost output pixels read the image around the box.
     """
-    b, _, height, width = x.shape
-    grid = crop_grid(boxes, flip, size, height, width, b)
-    out = torch.nn.functional.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
-    return out.view(b, 3, len(boxes) // b, size * size)
+    j = torch.arange(size, device=lo.device, dtype=lo.dtype)
+    read = torch.where(flip[:, None], size - 1 - j, j)  # a flip reverses the row's order: free
+    u = lo[:, None] + (read + 0.5) * ((hi - lo) / size)[:, None] - 0.5 + BORDER
+    base = u.floor()
+    taps = base.long().unsqueeze(-1) + torch.arange(-1, 3, device=lo.device)  # 4 distinct columns of the padded line
+    # out[i, j, taps[i, j]] = weights as a flat index_put_ (a bfloat16 scatter_ converts all of out to float and back)
+    n, length = len(lo), out.shape[-1]
+    flat = (torch.arange(n * size, device=lo.device).view(n, size, 1) * length + taps).view(-1)
+    out.view(-1).index_put_((flat,), cubic_weights(u - base).to(out.dtype).view(-1))
+    return out
+
+
+def blur_matrices(sigma: torch.Tensor, size: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill ``out`` ``[n, size, size]`` (zeroed) with one axis of the Gaussian blur of ``size`` pixels, one
+    sigma per matrix (0: the identity), ``blur_kernel_size(size)`` taps, reflect padding (torchvision's)."""
+    n, k, device = len(sigma), blur_kernel_size(size), sigma.device
+    reach = (torch.arange(size, device=device)[:, None] + torch.arange(k, device=device) - k // 2).abs()
+    reach = torch.where(reach > size - 1, 2 * (size - 1) - reach, reach)  # [size, k] reflected
+    # sigma 0 (a crop not drawn for blur): a vanishing sigma's kernel, 1 at the centre tap only
+    kernels = gaussian_kernels(sigma.clamp_min(1e-6), k)
+    return out.scatter_add_(2, reach.expand(n, size, k), kernels[:, None, :].expand(n, size, k))
+
+
+def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """``[n, size]`` normalised 1-D Gaussians, one per sigma (torchvision's _get_gaussian_kernel1d)."""
+    half = (size - 1) / 2
+    t = torch.linspace(-half, half, size, device=sigma.device, dtype=sigma.dtype)
+    kernel = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
+    return kernel / kernel.sum(1, keepdim=True)
+
+
+def resized_crops(
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    flip: torch.Tensor,
+    size: int,
+    sigma: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bicubic crops of ``image`` (`padded_rows`: ``[B, H + 4, 3, W + 4]``, any float dtype) resized to
+    ``size``, flipped where ``flip``, blurred by ``sigma`` (0 or None: not): float32 ``[n, 3, size, size]``.
+
+    ``boxes`` (x1, y1, x2, y2) / ``flip`` / ``sigma`` are crop-major (row k*B + i: crop k of image i). Both
+    the resize and the blur are separable and linear, so crop i of channel c is ``R_i @ image_c @ C_i^T``
+    with R = blur @ bicubic rows and C = blur @ bicubic columns (`bicubic_matrices`, `blur_matrices`):
+    per crop index k, one batched product over the rows and one over the columns. Dense products do
+    work in proportion to the image rather than the crop, but as batched matrix products they run at
+    the device's full rate (bfloat16 AMX tiles on a CPU, tensor cores on a GPU). With ``scratch`` the
+    intermediates are reused buffers; ``out`` (float32 ``[n, 3, size, size]``, any strides) takes the result.
+    """
+    b, height, channels, width = image.shape
+    n, dtype, device = len(boxes), image.dtype, image.device
+    count, tag = n // b, f"{size}/"
+
+    def empty(name: str, *shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+        if scratch is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return scratch.empty(tag + name, shape, dtype, device)
+
+    def zeros(name: str, *shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+        return empty(name, *shape, dtype=dtype).zero_()
+
+    x1, y1, x2, y2 = boxes.unbind(1)
+    rows = bicubic_matrices(y1, y2, torch.zeros_like(flip), size, zeros("rows", n, size, height))
+    cols = bicubic_matrices(x1, x2, flip, size, zeros("cols", n, size, width))
+    if sigma is not None:  # blur after the resize: fold it into both matrices
+        # (built in float32: reflected taps add up, which scatter_add in bfloat16 does slowly and coarsely)
+        blur = blur_matrices(sigma, size, zeros("blur (float32)", n, size, size, dtype=torch.float32))
+        if dtype != torch.float32:
+            blur = empty("blur", n, size, size).copy_(blur)
+        rows = torch.bmm(blur, rows, out=empty("blurred rows", n, size, height))
+        cols = torch.bmm(blur, cols, out=empty("blurred cols", n, size, width))
+    image_rows = image.view(b, height, channels * width)
+    tall = empty("tall", b, size, channels * width)
+    both = empty("both", count, b, size * channels, size)
+    for k in range(count):  # per crop index, not per image
+        torch.bmm(rows[k * b : (k + 1) * b], image_rows, out=tall)  # [B, size, 3 * W]: rows resampled
+        torch.bmm(tall.view(b, size * channels, width), cols[k * b : (k + 1) * b].transpose(1, 2), out=both[k])
+    if out is None:
+        out = torch.empty(n, channels, size, size, device=device)
+    return out.copy_(both.view(n, size, channels, size).transpose(1, 2))  # one pass: layout and dtype
 
 
 def hue_rotation(turns: torch.Tensor) -> torch.Tensor:
@@ -208,28 +337,6 @@ def jitter_matrix(
     return m, o
 
 
-def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """``[n, size]`` normalised 1-D Gaussians, one per sigma (torchvision's _get_gaussian_kernel1d)."""
-    half = (size - 1) / 2
-    t = torch.linspace(-half, half, size, device=sigma.device, dtype=sigma.dtype)
-    kernel = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
-    kernel = kernel / kernel.sum(1, keepdim=True)
-    # Small sigmas leave subnormal tail weights (< 1e-38), which make a CPU convolution ~8x slower;
-    # weights below 1e-20 change no float32 result.
-    return kernel.where(kernel > 1e-20, 0.0)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """Separable Gaussian blur of ``[n, 3, H, W]`` with one sigma per image, reflect padding (as torchvision)."""
-    n, ch, height, width = x.shape
-    kernel = gaussian_kernels(sigma, size).repeat_interleave(ch, 0)  # [n*3, size]: one kernel per channel
-    r = size // 2
-    y = torch.nn.functional.pad(x.reshape(1, n * ch, height, width), (r, r, r, r), mode="reflect")
-    y = torch.nn.functional.conv2d(y, kernel.view(n * ch, 1, 1, size), groups=n * ch)
-    y = torch.nn.functional.conv2d(y, kernel.view(n * ch, 1, size, 1), groups=n * ch)
-    return y.view(n, ch, height, width)
-
-
 def apply_where(
     x: torch.Tensor, chosen: torch.Tensor, step: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 ) -> torch.Tensor:
@@ -259,26 +366,27 @@ class MultiCrop(torch.nn.Module):
     every image draws its own parameters, for the whole batch at once on the batch's device, from
     torch's generator (so a seed fixes them); the last call's draws are in ``params`` (one dict per group).
 
-    How, per group of crops: one bicubic ``grid_sample`` crops, resizes and flips all crops
-    (`resample_crops`); one batched matmul applies colour jitter, grayscale, the 1/255 scale and
-    normalisation as a single 3x3 matrix + offset per crop (`jitter_matrix`), then one clamp; a
-    grouped separable convolution blurs the chosen crops and solarisation inverts the chosen ones,
-    both in normalised space (where blur is the same linear map and the threshold a per-channel one).
+    How, per group of crops: two batched matrix products crop, resize, flip and blur all crops
+    (`resized_crops`: separable bicubic resize and Gaussian blur are one matrix per axis and crop); one
+    batched matmul applies colour jitter, grayscale, the 1/255 scale and normalisation as a single 3x3
+    matrix + offset per crop (`jitter_matrix`), then one clamp; solarisation inverts the chosen crops in
+    normalised space (where the threshold is a per-channel one).
 
     Differences from the per-image torchvision recipe (bench/augment.py's reference):
 
-    - torchvision clamps to [0, 1] after every jitter step and after grayscale; here the jitter,
-      grayscale and normalisation are composed and clamped once, so a step that saturates
-      (brightness 1.4 on highlights) and a later one that would pull values back in differ, and
-      contrast's mean luma is that of the unclamped image;
+    - torchvision clamps to [0, 1] after every jitter step and after grayscale, and blurs after them;
+      here the blur comes with the resize (colour maps and blur are linear and commute) and the jitter,
+      grayscale and normalisation are composed and clamped once, after the blur: a step that saturates
+      (brightness 1.4 on highlights) and a later one that would pull values back in differ, blurred
+      edges of saturated regions differ, and contrast's mean luma is that of the unclamped, blurred crop;
     - hue is a rotation about the gray axis (`hue_rotation`), not torchvision's HSV hue shift: both
       map red to green at a third of a turn; within the recipe's +-0.1 turn they differ by ~4% of
       the range on average (HSV keeps max(r, g, b), the rotation keeps (r + g + b) / 3);
-    - the blur kernel's weights below 1e-20 are zero (`gaussian_kernels`: no visible change);
-    - the crop is bicubic (``resample="bilinear"``: faster, not the recipe's) without antialiasing (the recipe's crops shrink a 256 px image by at most
-      ~1.4x) and its bicubic taps read the pixels just outside the box (torchvision replicates the
-      box's edge): they differ only in the outermost output pixel;
-    - on a CPU, picking the crops to blur/solarise reads their masks back (`apply_where`).
+    - the crop is bicubic without antialiasing (the recipe's crops shrink a 256 px image by at most
+      ~1.5x) and its bicubic taps read the pixels just outside the box (torchvision replicates the
+      box's edge): they differ only in the outermost output pixels;
+    - on a CPU with AMX the products run in bfloat16 (`crop_dtype`): crops within ~1/255 of float32's;
+    - on a CPU, picking the crops to solarise reads their mask back (`apply_where`).
 
     As torchvision, the four jitter steps run in an order drawn per crop (``params["order"]``).
     """
@@ -294,25 +402,27 @@ class MultiCrop(torch.nn.Module):
         global_blur_p: float = 1.0,
         local_blur_p: float = 0.5,
         solarize_p: float = 0.2,
-        resample: str = "bicubic",
     ) -> None:
         super().__init__()
-        if resample not in RESAMPLE_MODES:
-            raise ValueError(f"resample must be one of {', '.join(RESAMPLE_MODES)}, not {resample!r}")
-        self.resample = resample
         self.groups = [CropGroup(global_crops, global_size, global_scale, global_blur_p, solarize_p)]
         if local_crops > 0:
             self.groups.append(CropGroup(local_crops, local_size, local_scale, local_blur_p, 0.0))
         self.params: list[dict[str, torch.Tensor]] = []
+        self.scratch = Scratch()
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        x = images.float()  # 0..255: the 1/255 is folded into the colour matrix
-        self.params = [self.draw(group, x) for group in self.groups]
-        return [self.crops(group, x, params) for group, params in zip(self.groups, self.params)]
+        scratch = self.scratch if images.device.type == "cpu" else None  # (see `Scratch`)
+        b, channels, height, width = images.shape  # 0..255: the 1/255 is folded into the colour matrix
+        shape, dtype = (b, height + 2 * BORDER, channels, width + 2 * BORDER), crop_dtype(images.device)
+        rows = padded_rows(
+            images, dtype, None if scratch is None else scratch.empty("image", shape, dtype, images.device)
+        )
+        self.params = [self.draw(group, images) for group in self.groups]
+        return [self.crops(group, rows, params, scratch) for group, params in zip(self.groups, self.params)]
 
-    def draw(self, group: CropGroup, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every random parameter of the group's ``count * B`` crops (crop-major), on ``x``'s device."""
-        n, (height, width), device = group.count * len(x), x.shape[-2:], x.device
+    def draw(self, group: CropGroup, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every random parameter of the group's ``count * B`` crops (crop-major), on the images' device."""
+        n, (height, width), device = group.count * len(images), images.shape[-2:], images.device
 
         def uniform(low: float, high: float) -> torch.Tensor:
             return torch.empty(n, device=device).uniform_(low, high)
@@ -336,21 +446,26 @@ class MultiCrop(torch.nn.Module):
             "solarize": coin(group.solarize_p),
         }
 
-    def crops(self, group: CropGroup, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        size = group.size
-        sampled = resample_crops(x, p["boxes"], p["flip"], size, self.resample)  # [B, 3, count, size*size], 0..255
-        matrix, offset = self.color_map(p, sampled.mean(3).permute(2, 0, 1).reshape(-1, 3) / 255)
-        pixels = sampled.permute(2, 0, 1, 3).reshape(-1, 3, size * size)  # crop-major (a view for one crop)
-        out = torch.baddbmm(offset.unsqueeze(2), matrix, pixels).view(-1, 3, size, size)
-        mean, std = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1), x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    def crops(
+        self, group: CropGroup, rows: torch.Tensor, p: dict[str, torch.Tensor], scratch: Scratch | None
+    ) -> torch.Tensor:
+        size, n, device = group.size, len(p["flip"]), rows.device
+        sigma = p["sigma"].where(p["blur"], 0.0) if group.blur_p > 0 else None  # 0: not blurred
+        # 0..255 pixels and a channel of ones, so that the colour map's offset rides in its matrix
+        shape = (n, 4, size, size)
+        pixels = (
+            torch.empty(shape, device=device)
+            if scratch is None
+            else scratch.empty(f"{size}/pixels", shape, torch.float32, device)
+        )
+        pixels[:, 3] = 1
+        resized_crops(rows, p["boxes"], p["flip"], size, sigma, scratch, out=pixels[:, :3])
+        matrix, offset = self.color_map(p, pixels[:, :3].mean((2, 3)) / 255)
+        affine = torch.cat([matrix, offset.unsqueeze(2)], 2)  # [n, 3, 4]
+        out = torch.bmm(affine, pixels.view(n, 4, size * size)).view(n, 3, size, size)
+        mean, std = out.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1), out.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
         for channel, (m, sd) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):  # [0, 1] pixels, normalised
             out[:, channel].clamp_(-m / sd, (1 - m) / sd)  # (scalar bounds: a fast path tensor bounds lack)
-        if group.blur_p > 0:
-            k = blur_kernel_size(size)
-            sigma = p["sigma"]
-            out = apply_where(
-                out, p["blur"], lambda y, rows: gaussian_blur(y, sigma if rows is None else sigma[rows], k)
-            )
         if group.solarize_p > 0:
             threshold, flipped = (SOLARIZE_THRESHOLD - mean) / std, (1 - 2 * mean) / std
             out = apply_where(out, p["solarize"], lambda y, _: torch.where(y >= threshold, flipped - y, y))

@@ -14,12 +14,13 @@ from streamgen.augment import (
     CropGroup,
     MultiCrop,
     build_augment,
+    crop_dtype,
     eval_transform,
-    gaussian_blur,
     hue_rotation,
     jitter_matrix,
+    padded_rows,
     random_resized_boxes,
-    resample_crops,
+    resized_crops,
     train_augment,
 )
 from streamgen.config import RunConfig, TrainConfig, parse_config
@@ -128,26 +129,77 @@ def test_crop_scales_and_aspects_follow_torchvision_law(scale):
         assert stats.kstest(area.numpy(), uniform).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
-def test_resampled_crops_match_torchvision_resized_crop_and_flip(mode):
+def crops_of(images: torch.Tensor, boxes, flip, size, sigma=None, dtype=torch.float32) -> torch.Tensor:
+    """`resized_crops` of uint8 images, viewed as ``[B, 3, count, size, size]`` (crop k of image i at [i, :, k])."""
+    out = resized_crops(padded_rows(images, dtype), boxes, flip, size, sigma)
+    return out.view(-1, len(images), 3, size, size).transpose(0, 1).transpose(1, 2)
+
+
+def test_resized_crops_match_torchvision_resized_crop_and_flip():
     """Each crop is torchvision's bicubic resized_crop of its box (flipped if drawn), crop-major rows.
 
     torchvision resamples the cropped image, so its outermost pixels replicate the box's edge where
     ours read the pixels beside the box: compare away from the border (2 px)."""
     torch.manual_seed(0)
     b, count, size, side = 3, 2, 24, 40
-    x = torch.rand(b, 3, side, side)
+    x = torch.randint(0, 256, (b, 3, side, side), dtype=torch.uint8)
     boxes = random_resized_boxes(count * b, side, side, scale=(0.4, 1.0))
     flip = torch.tensor([False, True, False, True, True, False])
-    out = resample_crops(x, boxes, flip, size, mode).view(b, 3, count, size, size)
+    out = crops_of(x, boxes, flip, size)
     for n, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
         k, i = divmod(n, b)  # row k*B + i is crop k of image i
-        interpolation = v2.InterpolationMode.BICUBIC if mode == "bicubic" else v2.InterpolationMode.BILINEAR
-        expected = F.resized_crop(x[i], y1, x1, y2 - y1, x2 - x1, [size, size], interpolation, antialias=False)
+        bicubic = v2.InterpolationMode.BICUBIC
+        expected = F.resized_crop(x[i].float(), y1, x1, y2 - y1, x2 - x1, [size, size], bicubic, antialias=False)
         if flip[n]:
             expected = expected.flip(-1)
         inner = (slice(None), slice(2, -2), slice(2, -2))
-        torch.testing.assert_close(out[i, :, k][inner], expected[inner], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[i, :, k][inner], expected[inner], atol=1e-3, rtol=0)
+
+
+def test_blurred_crops_are_torch_bicubic_then_torchvision_gaussian_blur():
+    """Everywhere, edges included: torch's own bicubic grid_sample (edge pixels repeated past the image)
+    of each box, then torchvision's gaussian_blur with the crop's sigma (reflect padding); sigma 0: none."""
+    torch.manual_seed(0)
+    b, count, size, side = 4, 2, 20, 32
+    x = torch.randint(0, 256, (b, 3, side, side), dtype=torch.uint8)
+    boxes = random_resized_boxes(count * b, side, side, scale=(0.2, 1.0))
+    boxes[0] = torch.tensor([0.0, 0.0, side, side])  # a whole-image crop: taps past every edge
+    flip = torch.rand(count * b) < 0.5
+    sigma = torch.empty(count * b).uniform_(0.1, 2.0)
+    sigma[::3] = 0
+    out = crops_of(x, boxes, flip, size, sigma)
+    k = 13
+    for n, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        crop, i = divmod(n, b)
+        steps = (torch.arange(size) * 2 + 1) / size - 1  # output pixel centres in [-1, 1] of the box
+        gx = ((x1 + x2) / side - 1) + (x2 - x1) / side * steps
+        gy = ((y1 + y2) / side - 1) + (y2 - y1) / side * steps
+        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1)[None]
+        expected = torch.nn.functional.grid_sample(
+            x[i : i + 1].float(), grid, mode="bicubic", padding_mode="border", align_corners=False
+        )[0]
+        if flip[n]:
+            expected = expected.flip(-1)
+        if sigma[n] > 0:
+            expected = F.gaussian_blur(expected, [k, k], [sigma[n].item()] * 2)
+        torch.testing.assert_close(out[i, :, crop], expected, atol=2e-3, rtol=0)
+
+
+def test_bfloat16_products_stay_within_a_few_levels_of_float32():
+    """The AMX CPU path (`crop_dtype`): 0..255 pixels are exact in bfloat16, the matrices and partial
+    products are rounded to 8 bits of mantissa; on natural-looking images (smooth + noise) the crops
+    stay within ~1 level of the float32 ones on average and 4 levels at worst."""
+    torch.manual_seed(0)
+    b, count, size, side = 4, 3, 48, 64
+    smooth = torch.nn.functional.interpolate(torch.rand(b, 3, 8, 8) * 255, size=side, mode="bicubic")
+    x = (smooth + torch.randn(b, 3, side, side) * 8).clamp(0, 255).to(torch.uint8)
+    boxes = random_resized_boxes(count * b, side, side, scale=(0.05, 1.0))
+    flip, sigma = torch.rand(count * b) < 0.5, torch.empty(count * b).uniform_(0.1, 2.0)
+    exact = crops_of(x, boxes, flip, size, sigma)
+    fast = crops_of(x, boxes, flip, size, sigma, torch.bfloat16)
+    assert fast.dtype == torch.float32
+    assert (fast - exact).abs().mean() < 1.0 and (fast - exact).abs().max() < 4.0
+    assert crop_dtype(torch.device("cpu")) in (torch.bfloat16, torch.float32)
 
 
 def test_every_crop_of_every_image_draws_its_own_parameters():
@@ -264,16 +316,6 @@ def test_grayscale_and_normalisation_fold_into_the_colour_map():
         torch.testing.assert_close(out[i], F.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD), atol=1e-5, rtol=0)
 
 
-def test_blur_matches_torchvision_gaussian_blur_per_image():
-    torch.manual_seed(0)
-    x = torch.rand(6, 3, 20, 20)
-    sigma = torch.empty(6).uniform_(0.1, 2.0)
-    out = gaussian_blur(x, sigma, 13)
-    for i in range(6):
-        expected = F.gaussian_blur(x[i], [13, 13], [sigma[i].item()] * 2)
-        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
-
-
 def test_solarised_crops_are_exactly_the_drawn_ones():
     """Solarisation inverts pixels >= 128/255: a solarised crop has no pixel above that; others do."""
     torch.manual_seed(0)
@@ -285,14 +327,6 @@ def test_solarised_crops_are_exactly_the_drawn_ones():
     assert (brightest[solarised] <= SOLARIZE_THRESHOLD + 1e-4).all()
     assert (brightest[~solarised] > SOLARIZE_THRESHOLD + 0.05).float().mean() > 0.9
     assert "solarize" in multicrop.params[1] and not multicrop.params[1]["solarize"].any()  # locals: never
-
-
-def test_bilinear_resampling_is_an_option_and_a_typo_is_refused():
-    torch.manual_seed(0)
-    crops = MultiCrop(24, 10, local_crops=2, resample="bilinear")(random_images(3, 32))
-    assert [tuple(c.shape) for c in crops] == [(3, 3, 24, 24), (6, 3, 10, 10)]
-    with pytest.raises(ValueError, match="resample must be one of bicubic, bilinear"):
-        MultiCrop(resample="bicubc")
 
 
 def test_same_seed_same_crops_other_seed_other_crops():
