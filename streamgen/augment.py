@@ -136,8 +136,9 @@ def cpu_has_amx() -> bool:
 
 def crop_dtype(device: torch.device) -> torch.dtype:
     """The dtype `resized_crops` multiplies in: bfloat16 on an AMX CPU (its products run ~10x faster there;
-    the 0..255 pixels are exact in it, the results within ~1/255), float32 elsewhere (a GPU's float32 matmul
-    is fast, and follows ``torch.backends.cuda.matmul.allow_tf32``)."""
+    the 0..255 pixels are exact in it, the crops within ~0.3/255 of float32's on average, a few /255 at
+    worst), float32 elsewhere (a GPU's float32 matmul is fast, and follows
+    ``torch.backends.cuda.matmul.allow_tf32``; a CPU without AMX runs the products ~3x slower than with)."""
     return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else torch.float32
 
 
@@ -159,8 +160,9 @@ class Scratch:
 
     On a CPU, a fresh allocation of tens of MB is page-faulted in on its first write, which costs
     several times the write itself; the hot path's matrices and partial products are that size
-    every batch. `MultiCrop` keeps one on a CPU only: a GPU's caching allocator already reuses
-    memory, and buffers kept there would hold ~1 GB of device memory between batches.
+    every batch. The price is memory held between batches: ~175 MB at batch 32 with 1 x 224 + 8 x 96
+    crops, in proportion to the batch. `MultiCrop` keeps them on a CPU only: a GPU's caching
+    allocator already reuses memory, and buffers kept there would hold GBs of device memory.
     """
 
     def __init__(self) -> None:
@@ -168,24 +170,39 @@ class Scratch:
 
     def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         tensor = self.tensors.get(name)
-        if tensor is None or tensor.shape != shape or tensor.dtype != dtype or tensor.device != device:
+        # (a buffer made under torch.inference_mode cannot be written outside it, nor the reverse)
+        inference = torch.is_inference_mode_enabled()
+        if (
+            tensor is None
+            or (tensor.shape, tensor.dtype, tensor.device) != (shape, dtype, device)
+            or (tensor.is_inference() != inference)
+        ):
             tensor = self.tensors[name] = torch.empty(shape, dtype=dtype, device=device)
         return tensor
+
+
+def buffer(
+    scratch: Scratch | None, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``scratch``'s buffer ``name``, or a fresh tensor without a scratch."""
+    if scratch is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return scratch.empty(name, shape, dtype, device)
 
 
 BORDER = 2  # bicubic taps reach 2 pixels past a line's ends: `padded_rows` repeats the edge pixels that far
 
 
-def padded_rows(
-    images: torch.Tensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """uint8 ``[B, 3, H, W]`` -> ``[B, H + 4, 3, W + 4]`` in ``dtype`` (0..255 are exact in bfloat16), edge
-    pixels repeated ``BORDER`` deep (grid_sample's ``padding_mode="border"``): what `resized_crops` reads,
-    rows first so that one matrix product resamples the rows of all three channels."""
+def padded_shape(images: torch.Tensor) -> tuple[int, int, int, int]:
+    """The shape of `padded_rows`' output for ``images`` ``[B, 3, H, W]``."""
     b, channels, height, width = images.shape
-    shape = (b, height + 2 * BORDER, channels, width + 2 * BORDER)
-    if out is None:
-        out = torch.empty(shape, dtype=dtype, device=images.device)
+    return b, height + 2 * BORDER, channels, width + 2 * BORDER
+
+
+def padded_rows(images: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> ``out`` ``[B, H + 4, 3, W + 4]`` (`padded_shape`; 0..255 are exact in
+    bfloat16), edge pixels repeated ``BORDER`` deep (grid_sample's ``padding_mode="border"``): what
+    `resized_crops` reads, rows first so that one matrix product resamples the rows of all three channels."""
     out[:, BORDER:-BORDER, :, BORDER:-BORDER] = images.permute(0, 2, 1, 3)  # one pass: layout and dtype
     out[:, :BORDER] = out[:, BORDER : BORDER + 1]
     out[:, -BORDER:] = out[:, -BORDER - 1 : -BORDER]
@@ -216,15 +233,20 @@ def bicubic_matrices(
     return out
 
 
-def blur_matrices(sigma: torch.Tensor, size: int, out: torch.Tensor) -> torch.Tensor:
-    """Fill ``out`` ``[n, size, size]`` (zeroed) with one axis of the Gaussian blur of ``size`` pixels, one
-    sigma per matrix (0: the identity), ``blur_kernel_size(size)`` taps, reflect padding (torchvision's)."""
-    n, k, device = len(sigma), blur_kernel_size(size), sigma.device
+def blur_matrices(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """``[n, size, size]`` float32: one axis of the Gaussian blur of ``size`` pixels, one sigma per matrix
+    (0: the identity), ``blur_kernel_size(size)`` taps, reflect padding (torchvision's gaussian_blur).
+
+    A matrix product of the kernels with the taps' one-hot reflected positions, not a scatter_add: near
+    the edges two taps reflect onto one pixel, and a GPU's scatter_add sums them in no fixed order.
+    """
+    k, device = blur_kernel_size(size), sigma.device
     reach = (torch.arange(size, device=device)[:, None] + torch.arange(k, device=device) - k // 2).abs()
     reach = torch.where(reach > size - 1, 2 * (size - 1) - reach, reach)  # [size, k] reflected
+    taps = torch.nn.functional.one_hot(reach.T, size).float()  # [k, size, size]: tap t of output i reads j
     # sigma 0 (a crop not drawn for blur): a vanishing sigma's kernel, 1 at the centre tap only
     kernels = gaussian_kernels(sigma.clamp_min(1e-6), k)
-    return out.scatter_add_(2, reach.expand(n, size, k), kernels[:, None, :].expand(n, size, k))
+    return (kernels @ taps.view(k, size * size)).view(len(sigma), size, size)
 
 
 def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
@@ -232,7 +254,10 @@ def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
     half = (size - 1) / 2
     t = torch.linspace(-half, half, size, device=sigma.device, dtype=sigma.dtype)
     kernel = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
-    return kernel / kernel.sum(1, keepdim=True)
+    kernel = kernel / kernel.sum(1, keepdim=True)
+    # Small sigmas leave subnormal tail weights (< 1e-38), which make float32 CPU products several times
+    # slower; weights below 1e-20 change no float32 result.
+    return kernel.where(kernel > 1e-20, 0.0)
 
 
 def resized_crops(
@@ -254,27 +279,20 @@ def resized_crops(
     work in proportion to the image rather than the crop, but as batched matrix products they run at
     the device's full rate (bfloat16 AMX tiles on a CPU, tensor cores on a GPU). With ``scratch`` the
     intermediates are reused buffers; ``out`` (float32 ``[n, 3, size, size]``, any strides) takes the result.
+    ``image`` is `padded_rows`' output; ``boxes`` are in the unpadded image's pixels.
     """
     b, height, channels, width = image.shape
     n, dtype, device = len(boxes), image.dtype, image.device
-    count, tag = n // b, f"{size}/"
+    count = n // b
 
-    def empty(name: str, *shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
-        if scratch is None:
-            return torch.empty(shape, dtype=dtype, device=device)
-        return scratch.empty(tag + name, shape, dtype, device)
-
-    def zeros(name: str, *shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
-        return empty(name, *shape, dtype=dtype).zero_()
+    def empty(name: str, *shape: int) -> torch.Tensor:
+        return buffer(scratch, name, shape, dtype, device)
 
     x1, y1, x2, y2 = boxes.unbind(1)
-    rows = bicubic_matrices(y1, y2, torch.zeros_like(flip), size, zeros("rows", n, size, height))
-    cols = bicubic_matrices(x1, x2, flip, size, zeros("cols", n, size, width))
+    rows = bicubic_matrices(y1, y2, torch.zeros_like(flip), size, empty("rows", n, size, height).zero_())
+    cols = bicubic_matrices(x1, x2, flip, size, empty("cols", n, size, width).zero_())
     if sigma is not None:  # blur after the resize: fold it into both matrices
-        # (built in float32: reflected taps add up, which scatter_add in bfloat16 does slowly and coarsely)
-        blur = blur_matrices(sigma, size, zeros("blur (float32)", n, size, size, dtype=torch.float32))
-        if dtype != torch.float32:
-            blur = empty("blur", n, size, size).copy_(blur)
+        blur = blur_matrices(sigma, size).to(dtype)
         rows = torch.bmm(blur, rows, out=empty("blurred rows", n, size, height))
         cols = torch.bmm(blur, cols, out=empty("blurred cols", n, size, width))
     image_rows = image.view(b, height, channels * width)
@@ -337,21 +355,19 @@ def jitter_matrix(
     return m, o
 
 
-def apply_where(
-    x: torch.Tensor, chosen: torch.Tensor, step: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-) -> torch.Tensor:
-    """``step(images, rows)`` on the images with ``chosen[i]`` (``rows`` their indices, None for all).
+def apply_where(x: torch.Tensor, chosen: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``step`` (elementwise) on the images with ``chosen[i]``, in place where it can be.
 
     On a CPU only the chosen images are computed (index_select, step, index_copy: one host read of
     the mask); on a GPU the whole batch, then a select, which costs less than a device sync.
     """
     if x.is_cuda:
-        return torch.where(chosen.view(-1, 1, 1, 1), step(x, None), x)
+        return torch.where(chosen.view(-1, 1, 1, 1), step(x), x)
     rows = chosen.nonzero().squeeze(1)
     if len(rows) == len(x):
-        return step(x, None)
+        return step(x)
     if len(rows):
-        x.index_copy_(0, rows, step(x.index_select(0, rows), rows))
+        x.index_copy_(0, rows, step(x.index_select(0, rows)))
     return x
 
 
@@ -402,23 +418,25 @@ class MultiCrop(torch.nn.Module):
         global_blur_p: float = 1.0,
         local_blur_p: float = 0.5,
         solarize_p: float = 0.2,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.dtype = dtype  # of the crop products; None: `crop_dtype` of the images' device
         self.groups = [CropGroup(global_crops, global_size, global_scale, global_blur_p, solarize_p)]
         if local_crops > 0:
             self.groups.append(CropGroup(local_crops, local_size, local_scale, local_blur_p, 0.0))
         self.params: list[dict[str, torch.Tensor]] = []
-        self.scratch = Scratch()
+        self.scratch = [Scratch() for _ in range(len(self.groups) + 1)]  # the image's, then one per group
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        scratch = self.scratch if images.device.type == "cpu" else None  # (see `Scratch`)
-        b, channels, height, width = images.shape  # 0..255: the 1/255 is folded into the colour matrix
-        shape, dtype = (b, height + 2 * BORDER, channels, width + 2 * BORDER), crop_dtype(images.device)
-        rows = padded_rows(
-            images, dtype, None if scratch is None else scratch.empty("image", shape, dtype, images.device)
-        )
+        scratch = self.scratch if images.device.type == "cpu" else [None] * len(self.scratch)  # (see `Scratch`)
+        dtype = self.dtype or crop_dtype(images.device)
+        padded = padded_rows(images, buffer(scratch[0], "image", padded_shape(images), dtype, images.device))
         self.params = [self.draw(group, images) for group in self.groups]
-        return [self.crops(group, rows, params, scratch) for group, params in zip(self.groups, self.params)]
+        return [
+            self.crops(group, padded, params, group_scratch)
+            for group, params, group_scratch in zip(self.groups, self.params, scratch[1:])
+        ]
 
     def draw(self, group: CropGroup, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every random parameter of the group's ``count * B`` crops (crop-major), on the images' device."""
@@ -447,19 +465,16 @@ class MultiCrop(torch.nn.Module):
         }
 
     def crops(
-        self, group: CropGroup, rows: torch.Tensor, p: dict[str, torch.Tensor], scratch: Scratch | None
+        self, group: CropGroup, padded: torch.Tensor, p: dict[str, torch.Tensor], scratch: Scratch | None
     ) -> torch.Tensor:
-        size, n, device = group.size, len(p["flip"]), rows.device
+        """The group's crops, normalised: resized and blurred (`resized_crops`, 0..255), colour-mapped
+        (one 3x4 matrix per crop, `color_map`), clamped to [0, 1] pixels, solarised where drawn."""
+        size, n, device = group.size, len(p["flip"]), padded.device
         sigma = p["sigma"].where(p["blur"], 0.0) if group.blur_p > 0 else None  # 0: not blurred
         # 0..255 pixels and a channel of ones, so that the colour map's offset rides in its matrix
-        shape = (n, 4, size, size)
-        pixels = (
-            torch.empty(shape, device=device)
-            if scratch is None
-            else scratch.empty(f"{size}/pixels", shape, torch.float32, device)
-        )
+        pixels = buffer(scratch, "pixels", (n, 4, size, size), torch.float32, device)
         pixels[:, 3] = 1
-        resized_crops(rows, p["boxes"], p["flip"], size, sigma, scratch, out=pixels[:, :3])
+        resized_crops(padded, p["boxes"], p["flip"], size, sigma, scratch, out=pixels[:, :3])
         matrix, offset = self.color_map(p, pixels[:, :3].mean((2, 3)) / 255)
         affine = torch.cat([matrix, offset.unsqueeze(2)], 2)  # [n, 3, 4]
         out = torch.bmm(affine, pixels.view(n, 4, size * size)).view(n, 3, size, size)
@@ -468,7 +483,7 @@ class MultiCrop(torch.nn.Module):
             out[:, channel].clamp_(-m / sd, (1 - m) / sd)  # (scalar bounds: a fast path tensor bounds lack)
         if group.solarize_p > 0:
             threshold, flipped = (SOLARIZE_THRESHOLD - mean) / std, (1 - 2 * mean) / std
-            out = apply_where(out, p["solarize"], lambda y, _: torch.where(y >= threshold, flipped - y, y))
+            out = apply_where(out, p["solarize"], lambda y: torch.where(y >= threshold, flipped - y, y))
         return out
 
     @staticmethod
