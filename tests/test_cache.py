@@ -107,7 +107,10 @@ def test_a_build_killed_mid_shard_resumes_to_the_same_cache(tmp_path, fake_cache
     whole = tmp_path / "whole"
     assert cache_main(["build", *cache_args(whole, big)]) == 0
     cmd = [PYTHON, "-m", "streamgen.cache", "build", *cache_args(folder, big)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL, start_new_session=True)
+    # Generator 0 stops itself (SIGSTOP) at unit 5, so the build waits with shard 0 written and shard 1
+    # half-written: a moment that lasts (a free-running fake build can finish between two polls).
+    env = {**os.environ, "STREAMGEN_INJECT_FAULT": "stop:0:5"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not (list(folder.glob("shard-*.bin")) and list(folder.glob(".shard-*.tmp"))):
