@@ -160,9 +160,9 @@ class Scratch:
 
     On a CPU, a fresh allocation of tens of MB is page-faulted in on its first write, which costs
     several times the write itself; the hot path's matrices and partial products are that size
-    every batch. The price is memory held between batches: ~175 MB at batch 32 with 1 x 224 + 8 x 96
-    crops, in proportion to the batch. `MultiCrop` keeps them on a CPU only: a GPU's caching
-    allocator already reuses memory, and buffers kept there would hold GBs of device memory.
+    every batch. The price is memory held between batches: ~175 MB with 1 x 224 + 8 x 96 crops, as
+    `MultiCrop` works on ``CHUNK`` images at a time whatever the batch. It keeps them on a CPU only:
+    a GPU's caching allocator already reuses memory.
     """
 
     def __init__(self) -> None:
@@ -371,6 +371,18 @@ def apply_where(x: torch.Tensor, chosen: torch.Tensor, step: Callable[[torch.Ten
     return x
 
 
+CHUNK = 32  # images per pass of the crop products: bounds their buffers (CPU scratch, GPU transients)
+
+
+def of_images(params: dict[str, torch.Tensor], count: int, part: slice) -> dict[str, torch.Tensor]:
+    """The parameters of the crops of images ``part`` (crop-major rows k*B + i -> crop-major rows of the part)."""
+
+    def pick(v: torch.Tensor) -> torch.Tensor:
+        return v.view(count, -1, *v.shape[1:])[:, part].reshape(-1, *v.shape[1:])
+
+    return {key: pick(value) for key, value in params.items()}
+
+
 class MultiCrop(torch.nn.Module):
     """uint8 ``[B, 3, H, W]`` -> ``[globals [G*B, 3, g, g], locals [L*B, 3, l, l]]``, normalised.
 
@@ -429,14 +441,18 @@ class MultiCrop(torch.nn.Module):
         self.scratch = [Scratch() for _ in range(len(self.groups) + 1)]  # the image's, then one per group
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        scratch = self.scratch if images.device.type == "cpu" else [None] * len(self.scratch)  # (see `Scratch`)
-        dtype = self.dtype or crop_dtype(images.device)
-        padded = padded_rows(images, buffer(scratch[0], "image", padded_shape(images), dtype, images.device))
-        self.params = [self.draw(group, images) for group in self.groups]
-        return [
-            self.crops(group, padded, params, group_scratch)
-            for group, params, group_scratch in zip(self.groups, self.params, scratch[1:])
-        ]
+        b, device = len(images), images.device
+        scratch = self.scratch if device.type == "cpu" else [None] * len(self.scratch)  # (see `Scratch`)
+        dtype = self.dtype or crop_dtype(device)
+        self.params = [self.draw(group, images) for group in self.groups]  # the whole batch's, then chunks
+        outs = [torch.empty(g.count * b, 3, g.size, g.size, device=device) for g in self.groups]
+        for start in range(0, b, CHUNK):
+            part = slice(start, min(b, start + CHUNK))
+            chunk = images[part]
+            padded = padded_rows(chunk, buffer(scratch[0], "image", padded_shape(chunk), dtype, device))
+            for group, params, out, group_scratch in zip(self.groups, self.params, outs, scratch[1:]):
+                self.colour_crops(group, padded, of_images(params, group.count, part), out, part, group_scratch)
+        return [self.finish(group, params, out) for group, params, out in zip(self.groups, self.params, outs)]
 
     def draw(self, group: CropGroup, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every random parameter of the group's ``count * B`` crops (crop-major), on the images' device."""
@@ -464,11 +480,18 @@ class MultiCrop(torch.nn.Module):
             "solarize": coin(group.solarize_p),
         }
 
-    def crops(
-        self, group: CropGroup, padded: torch.Tensor, p: dict[str, torch.Tensor], scratch: Scratch | None
-    ) -> torch.Tensor:
-        """The group's crops, normalised: resized and blurred (`resized_crops`, 0..255), colour-mapped
-        (one 3x4 matrix per crop, `color_map`), clamped to [0, 1] pixels, solarised where drawn."""
+    def colour_crops(
+        self,
+        group: CropGroup,
+        padded: torch.Tensor,
+        p: dict[str, torch.Tensor],
+        out: torch.Tensor,
+        part: slice,
+        scratch: Scratch | None,
+    ) -> None:
+        """The crops of the images ``part`` (`padded` them; ``p`` their parameters, crop-major), resized and
+        blurred (`resized_crops`, 0..255), then colour-mapped (one 3x4 matrix per crop, `color_map`)
+        straight into their rows of ``out`` (the whole batch's group, crop-major)."""
         size, n, device = group.size, len(p["flip"]), padded.device
         sigma = p["sigma"].where(p["blur"], 0.0) if group.blur_p > 0 else None  # 0: not blurred
         # 0..255 pixels and a channel of ones, so that the colour map's offset rides in its matrix
@@ -476,10 +499,17 @@ class MultiCrop(torch.nn.Module):
         pixels[:, 3] = 1
         resized_crops(padded, p["boxes"], p["flip"], size, sigma, scratch, out=pixels[:, :3])
         matrix, offset = self.color_map(p, pixels[:, :3].mean((2, 3)) / 255)
-        affine = torch.cat([matrix, offset.unsqueeze(2)], 2)  # [n, 3, 4]
-        out = torch.bmm(affine, pixels.view(n, 4, size * size)).view(n, 3, size, size)
+        affine = torch.cat([matrix, offset.unsqueeze(2)], 2).view(group.count, -1, 3, 4)
+        pixels = pixels.view(group.count, -1, 4, size * size)
+        rows = out.view(group.count, -1, 3, size * size)[:, part]  # crop k of these images: rows[k]
+        for k in range(group.count):
+            torch.bmm(affine[k], pixels[k], out=rows[k])
+
+    @staticmethod
+    def finish(group: CropGroup, p: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """Clamp the group's colour-mapped crops to [0, 1] pixels and solarise the drawn ones (normalised)."""
         mean, std = out.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1), out.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        for channel, (m, sd) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):  # [0, 1] pixels, normalised
+        for channel, (m, sd) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
             out[:, channel].clamp_(-m / sd, (1 - m) / sd)  # (scalar bounds: a fast path tensor bounds lack)
         if group.solarize_p > 0:
             threshold, flipped = (SOLARIZE_THRESHOLD - mean) / std, (1 - 2 * mean) / std

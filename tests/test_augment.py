@@ -435,3 +435,18 @@ def test_train_py_rejects_a_bad_recipe_with_exit_2_and_makes_nothing(tmp_path):
     assert result.returncode == 2
     assert "--train.local_scale '0.3,0.1' must satisfy 0 < min <= max <= 1" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_batch_is_cropped_in_chunks_with_the_same_result(monkeypatch):
+    """`MultiCrop` runs its products on CHUNK images at a time (bounded buffers): the crops, their rows
+    (crop-major over the whole batch) and the parameters are those of one pass over the batch."""
+    import streamgen.augment as augment
+
+    images = random_images(7, 32)
+    torch.manual_seed(11)
+    whole = MultiCrop(24, 10, global_crops=2, local_crops=3)(images)
+    monkeypatch.setattr(augment, "CHUNK", 3)  # chunks of 3, 3 and 1 images
+    torch.manual_seed(11)
+    chunked = MultiCrop(24, 10, global_crops=2, local_crops=3)(images)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
