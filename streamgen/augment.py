@@ -394,11 +394,12 @@ class MultiCrop(torch.nn.Module):
     every image draws its own parameters, for the whole batch at once on the batch's device, from
     torch's generator (so a seed fixes them); the last call's draws are in ``params`` (one dict per group).
 
-    How, per group of crops: two batched matrix products crop, resize, flip and blur all crops
-    (`resized_crops`: separable bicubic resize and Gaussian blur are one matrix per axis and crop); one
-    batched matmul applies colour jitter, grayscale, the 1/255 scale and normalisation as a single 3x3
-    matrix + offset per crop (`jitter_matrix`), then one clamp; solarisation inverts the chosen crops in
-    normalised space (where the threshold is a per-channel one).
+    How, per group of crops and ``CHUNK`` images at a time: two batched matrix products crop, resize,
+    flip and blur the crops (`resized_crops`: separable bicubic resize and Gaussian blur are one matrix
+    per axis and crop); one batched matmul applies colour jitter, grayscale, the 1/255 scale and
+    normalisation as a single 3x4 matrix per crop (`jitter_matrix` + offset, on pixels padded with a
+    channel of ones), written straight into the batch's rows; then, on the whole batch, one clamp, and
+    solarisation inverts the chosen crops in normalised space (where the threshold is a per-channel one).
 
     Differences from the per-image torchvision recipe (bench/augment.py's reference):
 
@@ -413,7 +414,8 @@ class MultiCrop(torch.nn.Module):
     - the crop is bicubic without antialiasing (the recipe's crops shrink a 256 px image by at most
       ~1.5x) and its bicubic taps read the pixels just outside the box (torchvision replicates the
       box's edge): they differ only in the outermost output pixels;
-    - on a CPU with AMX the products run in bfloat16 (`crop_dtype`): crops within ~1/255 of float32's;
+    - on a CPU with AMX the products run in bfloat16 (`crop_dtype`): crops within ~0.3/255 of float32's
+      on average, a few /255 at worst;
     - on a CPU, picking the crops to solarise reads their mask back (`apply_where`).
 
     As torchvision, the four jitter steps run in an order drawn per crop (``params["order"]``).
