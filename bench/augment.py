@@ -34,7 +34,6 @@ from streamgen.augment import (
     IMAGENET_STD,
     MultiCrop,
     blur_kernel_size,
-    crop_dtype,
 )
 from streamgen.config import TrainConfig, local_crop_size
 
@@ -116,7 +115,7 @@ def main() -> None:
     crops = f"{args.global_crops}x{args.crop} + {args.local_crops}x{local_crop_size(TrainConfig(crop=args.crop))} px"
     print(
         f"multi-crop {crops} from {args.resolution} px, batch {args.batch}, {torch.get_num_threads()} threads, "
-        f"streamgen's matrix products in {batched.dtype or crop_dtype(images.device)} on the CPU"
+        f"streamgen's matrix products in {batched.product_dtype(images.device)} on the CPU"
     )
 
     cpu = images_per_s(per_image, images, args.seconds, lambda: None)

@@ -445,7 +445,7 @@ class MultiCrop(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         b, device = len(images), images.device
         scratch = self.scratch if device.type == "cpu" else [None] * len(self.scratch)  # (see `Scratch`)
-        dtype = self.dtype or crop_dtype(device)
+        dtype = self.product_dtype(device)
         self.params = [self.draw(group, images) for group in self.groups]  # the whole batch's, then chunks
         outs = [torch.empty(g.count * b, 3, g.size, g.size, device=device) for g in self.groups]
         for start in range(0, b, CHUNK):
@@ -455,6 +455,10 @@ class MultiCrop(torch.nn.Module):
             for group, params, out, group_scratch in zip(self.groups, self.params, outs, scratch[1:]):
                 self.colour_crops(group, padded, of_images(params, group.count, part), out, part, group_scratch)
         return [self.finish(group, params, out) for group, params, out in zip(self.groups, self.params, outs)]
+
+    def product_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of the crop products on ``device``: the one given, else `crop_dtype`'s choice."""
+        return self.dtype or crop_dtype(device)
 
     def draw(self, group: CropGroup, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every random parameter of the group's ``count * B`` crops (crop-major), on the images' device."""

@@ -101,6 +101,12 @@ def _pairs(files, labels) -> list[tuple[str, int]]:
     return [(str(f), int(y)) for f, y in zip(files, labels)]
 
 
+def _train_test(split, train: str, test: str):
+    """(train, test, classes) from ``split(name) -> (samples, classes)``; the classes are the train split's."""
+    (train_samples, classes), (test_samples, _) = split(train), split(test)
+    return train_samples, test_samples, classes
+
+
 def _aircraft(base: Path):
     tv = torchvision.datasets
 
@@ -108,8 +114,7 @@ def _aircraft(base: Path):
         ds = tv.FGVCAircraft(base.parent, split=name, annotation_level="variant", download=False)
         return _pairs(ds._image_files, ds._labels), ds.classes
 
-    (train, classes), (test, _) = split("trainval"), split("test")
-    return train, test, classes
+    return _train_test(split, "trainval", "test")
 
 
 def _cars(base: Path):
@@ -117,7 +122,7 @@ def _cars(base: Path):
         ds = torchvision.datasets.StanfordCars(base.parent, split=name, download=False)
         return list(ds._samples), ds.classes
 
-    (train, classes), (test, _) = split("train"), split("test")
+    train, test, classes = _train_test(split, "train", "test")
     return [(str(p), int(y)) for p, y in train], [(str(p), int(y)) for p, y in test], [str(c) for c in classes]
 
 
@@ -170,8 +175,7 @@ def _pets(base: Path):
         ds = torchvision.datasets.OxfordIIITPet(base.parent, split=name, target_types="category", download=False)
         return _pairs(ds._images, ds._labels), ds.classes
 
-    (train, classes), (test, _) = split("trainval"), split("test")
-    return train, test, classes
+    return _train_test(split, "trainval", "test")
 
 
 def _food(base: Path):
@@ -179,7 +183,7 @@ def _food(base: Path):
         ds = torchvision.datasets.Food101(base.parent, split=name, download=False)
         return [(str(f), ds.classes[y]) for f, y in zip(ds._image_files, ds._labels)], ds.classes
 
-    (train, classes), (test, _) = split("train"), split("test")
+    train, test, classes = _train_test(split, "train", "test")
     index = {c: i for i, c in enumerate(classes)}  # each split numbers the classes of its own json
     return [(f, index[c]) for f, c in train], [(f, index.get(c, -1)) for f, c in test], classes
 
