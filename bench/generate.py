@@ -1,94 +1,149 @@
-"""Images/s of streamgen's generator vs a plain diffusers StableDiffusionPipeline call.
+"""Images/s of streamgen's generator, measured as a generator process makes them, vs plain diffusers.
 
-    python bench/generate.py                                  # CPU: tiny model, 64 px
-    python bench/generate.py --model sd14-random --resolution 512 --steps 50 --batch 16   # GPU
+    python bench/generate.py                        # CPU: tiny model, 64 px, 20 steps, batch 8
+    python bench/generate.py --model sd14-random    # GPU defaults: SD v1.4's shapes, 512 px, 50 steps, batch 16
 
-Both sides use the same model, scheduler, steps, guidance, resolution and batch; (a) is
-streamgen's `DiffusionGenerator.generate` (cached text embeddings, per-sample noise,
-resize + uint8 on the device, and on a GPU fp16 + channels-last + torch.compile with CUDA
-graphs), (b) is ``pipe(prompts, generator=[...], ...)`` at the same batch and, on a GPU,
-also at batch 1 (plain diffusers as most people run it). On a GPU it also prints the achieved
-TFLOP/s and the fraction of the FLOP bound, from the published SD v1.4 costs
-(``streamgen/data/sd_v1_4_shapes.json``): UNet 1.68 TFLOP per guided step at 512 px, VAE
-decode 2.54 TFLOP. Without the real weights, ``--model sd14-random`` has the same shapes and
-so the same cost.
+Side by side, in one run, on the same model, scheduler, steps, guidance, resolution and batch:
+
+(a) streamgen: `DiffusionGenerator.generate_into` one queue slot, exactly as a generator process
+    does (`streamgen.generator.worker_main`): cached text embeddings, one noise generator per
+    sample, resize to the stream resolution and uint8 on the device, an asynchronous copy into
+    the slot (page-locked with cudaHostRegister on a GPU), one host sync per unit. On a GPU:
+    fp16, channels-last, the UNet under torch.compile with CUDA graphs.
+(b) diffusers: ``pipe(prompts, generator=[...], ...)`` at the same batch, dtype and channels-last,
+    output on the device (no resize, no copy out);
+(c) on a GPU, (b) at batch 1 (diffusers as most people run it).
+
+It also prints the UNet calls per batch (counted on (b): PNDM makes one more than its steps),
+the redraws during the timed calls (random weights can make black images, which are redrawn and
+would inflate (a)'s time), TFLOP per image from the counted calls, TFLOP/s achieved, and the VAE
+decode: its share of (a)'s batch time and its time channels-last vs contiguous (GroupNorm on CUDA
+returns contiguous outputs, so channels-last may not pay there). ``--compile-vae`` compiles the
+decoder too (`--generator.compile_vae`). ``--json FILE`` writes every figure.
 """
 
+from __future__ import annotations
+
 import argparse
+import json
 import time
 
 import torch
 
 from streamgen.config import GeneratorConfig
-from streamgen.generator import DiffusionGenerator, resolve_dtype
-from streamgen.pipeline import load_pipeline, resolve_model, sd14_shapes
+from streamgen.generator import DiffusionGenerator, resolve_dtype, tflop_per_image, unet_evaluations
+from streamgen.pipeline import load_pipeline, resolve_model
+from streamgen.queue import Doorbell, SlotQueue
 
 PROMPTS = ["papillon, toy spaniel inside hockey arena", "tabby, tabby cat, domestic cat inside kitchen"]
 
 
-def tflop_per_image(resolution: int, steps: int, guided: bool) -> float:
-    cost = sd14_shapes()["flops_per_image_published"]
-    area = (resolution / 512) ** 2
-    unet = cost["unet_per_cfg_step_tflop"] * (1.0 if guided else 0.5) * steps
-    return area * (unet + cost["vae_decode_512_tflop"]) + cost["text_encoder_tflop"]
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def timed(fn, iters: int, device: torch.device) -> float:
-    """Seconds per call, after one warm-up call."""
+    """Seconds per call, after one untimed call."""
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return (time.perf_counter() - start) / iters
 
 
-def main() -> None:
+def parser(gpu: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="sd14-random" if gpu else "tiny", help="tiny, sd14-random, or a diffusers folder")
+    p.add_argument("--resolution", type=int, default=512 if gpu else 64, help="generation size in px")
+    p.add_argument(
+        "--out-resolution", type=int, default=None, help="stream resolution (default: 256 on GPU, 32 on CPU)"
+    )
+    p.add_argument("--steps", type=int, default=50 if gpu else 20)
+    p.add_argument("--guidance", type=float, default=7.5, help="<= 1: no classifier-free guidance")
+    p.add_argument("--scheduler", default="default", help="default (the model's: PNDM for SD v1.4), ddim, dpm++")
+    p.add_argument("--batch", type=int, default=16 if gpu else 8)
+    p.add_argument("--iters", type=int, default=3, help="timed calls per side")
+    p.add_argument("--compile", default="auto", help="auto (GPU: on), on, off")
+    p.add_argument("--compile-vae", action="store_true", help="also compile the VAE decoder (needs the UNet compiled)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="dense fp16 peak of the GPU (H100/H200 SXM: 989 TFLOP/s)"
+    )
+    p.add_argument("--skip-batch1", action="store_true", help="skip (c), the plain batch-1 baseline (slow at 50 steps)")
+    p.add_argument("--json", help="write every figure to this JSON file")
+    return p
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    """A one-element list counting ``module``'s forward calls (an eager module: hooks run every call)."""
+    count = [0]
+    module.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    return count
+
+
+def time_vae_decode(pipe, latents: torch.Tensor, iters: int, device: torch.device) -> dict[str, float]:
+    """Seconds per decode of ``latents`` with the VAE channels-last and contiguous (restored after)."""
+    vae = pipe.vae
+    out = {}
+    for name, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+        vae.to(memory_format=fmt)
+        with torch.inference_mode():
+            out[name] = timed(lambda: vae.decode(latents / vae.config.scaling_factor), iters, device)
+    vae.to(memory_format=torch.channels_last)
+    return out
+
+
+def measure(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="sd14-random" if gpu else "tiny")
-    parser.add_argument("--resolution", type=int, default=512 if gpu else 64)
-    parser.add_argument(
-        "--out-resolution", type=int, default=None, help="stream resolution (default: the generation size)"
-    )
-    parser.add_argument("--steps", type=int, default=50 if gpu else 20)
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--batch", type=int, default=16 if gpu else 8)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--compile", default="auto", help="auto (GPU: on), on, off")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument(
-        "--peak-tflops", type=float, default=800.0, help="dense bf16/fp16 peak of the GPU (H100 SXM: ~800-990)"
-    )
-    parser.add_argument("--skip-batch1", action="store_true", help="skip the plain batch-1 baseline (slow at 50 steps)")
-    args = parser.parse_args()
     device = torch.device("cuda" if gpu else "cpu")
-    if not gpu:
-        torch.set_num_threads(torch.get_num_threads())
     model = resolve_model(args.model)
+    out_res = args.out_resolution or (256 if gpu else 32)
     cfg = GeneratorConfig(
         resolution=args.resolution,
         steps=args.steps,
         guidance=args.guidance,
+        scheduler=args.scheduler,
         batch_size=args.batch,
         compile=args.compile,
+        compile_vae=args.compile_vae,
         dtype=args.dtype,
     )
-    out_res = args.out_resolution or args.resolution
     prompts = [PROMPTS[i % 2] for i in range(args.batch)]
     seeds = list(range(args.batch))
+    figures: dict = {
+        "device": torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)",
+        "model": args.model,
+        "resolution": args.resolution,
+        "out_resolution": out_res,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "scheduler": args.scheduler,
+        "batch": args.batch,
+    }
 
+    # (a) streamgen, into a queue slot as the worker writes it
     ours = DiffusionGenerator(cfg, model, out_res, device)
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     ours.warmup()
-    warmup_s = time.perf_counter() - t0
-    t_ours = timed(lambda: ours.generate(prompts, seeds), args.iters, device)
+    figures["warmup_s"] = time.perf_counter() - started
+    slot = SlotQueue(1, args.batch, out_res, Doorbell())
+    figures["slot_pinned"] = slot.pin_memory() if gpu else False
+    view = slot.view(0)
+    ours.redraws = 0
+    figures["a_s_per_batch"] = timed(lambda: ours.generate_into(view.images, prompts, seeds), args.iters, device)
+    figures["a_redraws"] = ours.redraws
+    figures["a_images_per_s"] = args.batch / figures["a_s_per_batch"]
 
+    # (b) plain diffusers, channels-last like (a)
     pipe = load_pipeline(model, resolve_dtype(cfg.dtype, device)).to(device)
     pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = type(ours.pipe.scheduler).from_config(ours.pipe.scheduler.config)
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    calls = count_calls(pipe.unet)
 
     def plain(n: int):
         return pipe(
@@ -101,27 +156,64 @@ def main() -> None:
             output_type="pt",
         ).images
 
-    t_plain = timed(lambda: plain(args.batch), args.iters, device)
-    name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(
-        f"device: {name}; model {args.model}; {args.resolution} px, {args.steps} steps, guidance {args.guidance}, batch {args.batch}"
-    )
-    print(f"streamgen warm-up (load excluded; compile/capture included): {warmup_s:.1f} s")
-    print(f"(a) streamgen generator : {t_ours:8.3f} s/batch  {args.batch / t_ours:8.2f} images/s")
-    print(f"(b) diffusers pipeline  : {t_plain:8.3f} s/batch  {args.batch / t_plain:8.2f} images/s")
-    print(f"    time ratio (a)/(b)  : {t_ours / t_plain:8.3f}   (target <= 1.05 on CPU)")
-    if gpu:
-        if not args.skip_batch1:
-            t_one = timed(lambda: plain(1), args.iters, device)
-            print(
-                f"(c) diffusers, batch 1  : {t_one:8.3f} s/image  {1 / t_one:8.2f} images/s; (a) is {args.batch / t_ours * t_one:.2f}x (target >= 3x)"
-            )
-        flop = tflop_per_image(args.resolution, args.steps, args.guidance > 1)
-        achieved = args.batch / t_ours * flop
-        print(
-            f"    {flop:.1f} TFLOP/image -> {achieved:.0f} TFLOP/s achieved, {100 * achieved / args.peak_tflops:.0f}% of {args.peak_tflops:.0f} TFLOP/s "
-            f"(bound {args.peak_tflops / flop:.2f} images/s; target >= 5.5 images/s, >= 60%)"
+    figures["b_s_per_batch"] = timed(lambda: plain(args.batch), args.iters, device)
+    figures["b_images_per_s"] = args.batch / figures["b_s_per_batch"]
+    figures["unet_calls_counted"] = calls[0] // (args.iters + 1)
+    figures["unet_calls_expected"] = unet_evaluations(pipe.scheduler, args.steps)
+    figures["ratio_a_over_b"] = figures["a_s_per_batch"] / figures["b_s_per_batch"]
+    if gpu and not args.skip_batch1:
+        figures["c_s_per_image"] = timed(lambda: plain(1), args.iters, device)
+        figures["a_over_c_speedup"] = figures["a_images_per_s"] * figures["c_s_per_image"]
+
+    # cost: the counted UNet calls, the published per-call FLOPs (SD v1.x shapes)
+    flop = tflop_per_image(figures["unet_calls_counted"], args.guidance > 1, args.resolution)
+    figures["tflop_per_image"] = flop
+    figures["tflops_achieved"] = figures["a_images_per_s"] * flop
+    figures["flop_bound_images_per_s"] = args.peak_tflops / flop
+
+    # the VAE decode: its share of a batch of (a), channels-last vs contiguous
+    latent = args.resolution // 8
+    latents = torch.randn(args.batch, 4, latent, latent, device=device, dtype=pipe.vae.dtype)
+    vae = time_vae_decode(pipe, latents, args.iters, device)
+    figures["vae_decode_s"] = vae
+    figures["vae_share_of_a"] = vae["channels_last"] / figures["a_s_per_batch"]
+    return figures
+
+
+def report(f: dict, peak: float) -> str:
+    lines = [
+        f"device: {f['device']}; model {f['model']}; {f['resolution']} px -> {f['out_resolution']} px, "
+        f"{f['steps']} steps ({f['scheduler']}), guidance {f['guidance']}, batch {f['batch']}",
+        f"streamgen warm-up (load excluded; compile and graph capture included): {f['warmup_s']:.1f} s",
+        f"(a) streamgen into a {'page-locked ' if f['slot_pinned'] else ''}slot: {f['a_s_per_batch']:8.3f} s/batch "
+        f"{f['a_images_per_s']:8.2f} images/s  ({f['a_redraws']} redraws in the timed calls)",
+        f"(b) diffusers pipeline      : {f['b_s_per_batch']:8.3f} s/batch {f['b_images_per_s']:8.2f} images/s",
+        f"    time ratio (a)/(b)      : {f['ratio_a_over_b']:8.3f}  (compiled on GPU: target <= 1/1.3)",
+    ]
+    if "c_s_per_image" in f:
+        lines.append(
+            f"(c) diffusers, batch 1      : {f['c_s_per_image']:8.3f} s/image {1 / f['c_s_per_image']:8.2f} images/s; "
+            f"(a) is {f['a_over_c_speedup']:.2f}x"
         )
+    lines += [
+        f"    UNet calls per batch    : {f['unet_calls_counted']} counted, {f['unet_calls_expected']} from the scheduler "
+        f"(x2 rows with guidance)",
+        f"    {f['tflop_per_image']:.1f} TFLOP/image -> {f['tflops_achieved']:.1f} TFLOP/s achieved, "
+        f"{100 * f['tflops_achieved'] / peak:.1f}% of {peak:.0f} (bound {f['flop_bound_images_per_s']:.2f} images/s)"
+        + ("  [SD v1.x's cost: not the tiny model's]" if f["model"] == "tiny" else ""),
+        f"    VAE decode of a batch   : {f['vae_decode_s']['channels_last']:.3f} s channels-last, "
+        f"{f['vae_decode_s']['contiguous']:.3f} s contiguous; {100 * f['vae_share_of_a']:.0f}% of (a)'s batch",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parser(torch.cuda.is_available()).parse_args()
+    figures = measure(args)
+    print(report(figures, args.peak_tflops))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from streamgen.cache.layout import CacheSpec
 from streamgen.classes import ClassSet, load_classes
 from streamgen.config import RunConfig, TrainConfig, slots_per_rank
 from streamgen.errors import UsageError
-from streamgen.generator import FAKE, check_attention
+from streamgen.generator import FAKE, check_generator
 from streamgen.nodes import DEFAULT_PORT, Placement, resolve_placement
 from streamgen.pipeline import resolve_model
 from streamgen.plan import SamplePlan, UnitCursor, load_class_counts
@@ -277,8 +277,9 @@ def prepare(cfg: RunConfig) -> Job:
     model = cfg.model if cfg.model == FAKE else resolve_model(cfg.model)
     if Path(model).is_dir():
         check_model_components(model)
-    check_attention(cfg.generator.attention)
     generator_devices, accelerator, trainer_devices = assign_devices(cfg.generators, cfg.trainers)
+    if model != FAKE:
+        check_generator(cfg.generator, "cuda" if accelerator == "gpu" else "cpu")
     check_recipe(cfg.train, accelerator)
     slots = slots_per_rank(cfg)
     check_memory(cfg.trainers * slots * slot_nbytes(cfg.stream.batch_size, cfg.stream.resolution))

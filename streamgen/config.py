@@ -41,7 +41,14 @@ class GeneratorConfig:
     attention: str = _f(
         "sdpa", "'sdpa' (PyTorch scaled-dot-product attention) or 'xformers' (needs the xformers extra)"
     )
-    compile: str = _f("auto", "torch.compile the UNet: 'auto' (on GPU, with CUDA graphs), 'on' or 'off'")
+    compile: str = _f(
+        "auto",
+        "torch.compile the UNet: 'auto' (on GPU with CUDA graphs, unless attention is xformers), 'on' or 'off'",
+    )
+    compile_vae: bool = _f(
+        False,
+        "also torch.compile the VAE decoder (needs the UNet compiled; bench/generate.py --compile-vae measures it)",
+    )
     channels_last: bool = _f(True, "channels-last memory format for the UNet and VAE")
     text_cache: int = _f(4096, "text embeddings kept per generator (one per distinct prompt)")
     safety_checker: bool = _f(False, "run the model's NSFW safety checker; flagged (black) images are redrawn")

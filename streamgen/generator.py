@@ -9,6 +9,10 @@ is diffusers' own, and adds only what a stream needs:
 - text embeddings cached per distinct prompt (class prompts repeat thousands of times);
 - the UNet under ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs on GPU), compiled
   and captured once per process by `warmup`, for a fixed batch shape (redraws are padded);
+  its outputs copied out of the graph's static buffers (`FreshOutputs`), since the next replay
+  overwrites them and a scheduler may keep one between steps (PNDM does, without guidance);
+- everything (text encoding, denoising, decoding, resizing) under ``torch.inference_mode()``:
+  nothing it keeps, the text-embedding cache above all, holds an autograd graph;
 - black or non-finite images (fp16 overflow, the safety checker when on) redrawn with a seed
   derived from the sample's, and counted;
 - the batch resized (antialiased) to the stream resolution and quantised to uint8 on the device.
@@ -45,6 +49,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def compiles(cfg: GeneratorConfig, device_type: str) -> bool:
+    """Whether the UNet runs under ``torch.compile``: the one place that decides ``compile: auto``.
+
+    Auto compiles on a GPU (with CUDA graphs), except with xformers attention, whose kernels
+    break the graph under torch.compile (xformers issue #765; `check_generator` refuses an
+    explicit ``on`` with it)."""
+    if cfg.compile == "auto":
+        return device_type == "cuda" and cfg.attention != "xformers"
+    return cfg.compile == "on"
+
+
+def check_generator(cfg: GeneratorConfig, device_type: str) -> None:
+    """Settings that cannot work together, found in the launcher before any process starts."""
+    check_attention(cfg.attention)
+    if cfg.attention == "xformers" and cfg.compile == "on":
+        raise UsageError(
+            "--generator.attention xformers cannot run under --generator.compile on: xformers' attention breaks "
+            "torch.compile's graph (xformers issue #765); use --generator.attention sdpa (as fast, and compiled) "
+            "or --generator.compile off"
+        )
+    if cfg.compile_vae and not compiles(cfg, device_type):
+        raise UsageError(
+            "--generator.compile_vae compiles the VAE decoder beside the UNet: it needs the UNet compiled too "
+            "(--generator.compile on, or auto on a GPU with sdpa attention)"
+        )
+
+
 def check_attention(attention: str) -> None:
     """xformers must be importable when asked for (checked in the launcher, before spawning)."""
     if attention == "xformers":
@@ -66,6 +97,117 @@ def make_scheduler(name: str, config):
     if name == "dpm++":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
     return None
+
+
+def unet_evaluations(scheduler, steps: int) -> int:
+    """UNet calls of one denoising run: the scheduler's timesteps for ``steps`` (PNDM: steps + 1,
+    its PLMS warm-up evaluates one timestep twice). Each call is on 2B rows with guidance."""
+    scheduler = type(scheduler).from_config(scheduler.config)  # a copy: set_timesteps changes it
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
+
+
+def tflop_per_image(unet_calls: int, guided: bool, resolution: int) -> float:
+    """SD v1.x's cost of one image: UNet calls x (2 with guidance) x one UNet row + VAE decode + text
+    encoder, from the published per-step figures (``data/sd_v1_4_shapes.json``), scaled by area."""
+    from streamgen.pipeline import sd14_shapes
+
+    cost = sd14_shapes()["flops_per_image_published"]
+    area = (resolution / 512) ** 2
+    unet_row = cost["unet_per_cfg_step_tflop"] / 2  # the published figure is one CFG pair
+    return (
+        area * (unet_row * unet_calls * (2 if guided else 1) + cost["vae_decode_512_tflop"])
+        + cost["text_encoder_tflop"]
+    )
+
+
+def _copied(out):
+    """``out`` (a tensor, a tuple of them, or a diffusers output) with every tensor copied."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, tuple):
+        return tuple(_copied(x) for x in out)
+    if isinstance(out, dict):  # diffusers' BaseOutput is an OrderedDict dataclass
+        return type(out)(**{k: _copied(v) for k, v in out.items()})
+    return out
+
+
+class FreshOutputs(torch.nn.Module):
+    """A compiled module whose outputs are the caller's own memory, not the graph's.
+
+    Under CUDA graphs (``mode="reduce-overhead"``) a compiled module returns static buffers that
+    its next replay overwrites. diffusers' schedulers may keep a UNet output between steps (PNDM
+    appends it to ``ets`` and reads it at the next steps), so without guidance, where the
+    pipeline hands the UNet output to the scheduler as it is, every kept output would silently
+    become the latest one (diffusers #7420). With guidance the CFG combination happens to make a
+    fresh tensor. The copy costs one latent-sized tensor per call (~0.5 MB at 512 px, batch 16).
+
+    ``mark_step``: tell CUDA-graph trees that a new invocation starts (the documented call for
+    inference loops: the previous outputs are dead), so they never keep memory for them.
+    Attributes the pipeline reads (``config``, ``dtype``, ``device``, ...) come from the inner module.
+    """
+
+    def __init__(self, module, mark_step: bool = False) -> None:
+        super().__init__()
+        self.inner = module  # a (compiled) module, or a compiled function
+        self.mark_step = mark_step
+
+    def forward(self, *args, **kwargs):
+        if self.mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        return _copied(self.inner(*args, **kwargs))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+class ReplayedOutputs(torch.nn.Module):
+    """What a CUDA-graph replay does to a module's outputs, on any device: one static buffer,
+    overwritten by every call. Put in place of ``torch.compile`` (tests, ``bench/gpu_session.py
+    --smoke``), it shows on a CPU whether a caller keeps outputs across calls (`FreshOutputs`)."""
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner = inner
+        self.buffer: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        sample = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+        if self.buffer is None or self.buffer.shape != sample.shape:
+            self.buffer = torch.empty_like(sample)
+        self.buffer.copy_(sample)
+        return (self.buffer,)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def _compile(module, device: torch.device) -> FreshOutputs:
+    """``module`` (or a function) under torch.compile (CUDA graphs on a GPU), whole-graph, outputs copied out."""
+    mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
+    return FreshOutputs(torch.compile(module, mode=mode, fullgraph=True), mark_step=device.type == "cuda")
+
+
+def _compile_vae_decode(vae, device: torch.device) -> None:
+    """Route ``vae.decode`` through a compiled copy of itself (outputs copied out, as the
+    UNet's); the pipeline's call is unchanged. The noise generators it passes are unused by
+    SD's VAE and left out of the compiled call."""
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    compiled = _compile(vae.decode, device)  # the bound method as it is now
+
+    def decode(z: torch.Tensor, return_dict: bool = True, generator=None):
+        (sample,) = compiled(z, return_dict=False)
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    vae.decode = decode
 
 
 def to_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -95,9 +237,10 @@ class DiffusionGenerator:
         if cfg.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
-        if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
-            mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
-            pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+        if compiles(cfg, device.type):
+            pipe.unet = _compile(pipe.unet, device)
+            if cfg.compile_vae:
+                _compile_vae_decode(pipe.vae, device)
         self.pipe = pipe
         self._embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._negative: torch.Tensor | None = None
@@ -107,6 +250,7 @@ class DiffusionGenerator:
     def guided(self) -> bool:
         return self.cfg.guidance > 1.0
 
+    @torch.inference_mode()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings ``[B, 77, D]`` from the cache; misses are encoded in one call."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._embeds))
@@ -120,6 +264,7 @@ class DiffusionGenerator:
             self._embeds.move_to_end(p)
         return torch.stack([self._embeds[p] for p in prompts])
 
+    @torch.inference_mode()
     def negative(self, n: int) -> torch.Tensor | None:
         if not self.guided:
             return None
@@ -154,6 +299,7 @@ class DiffusionGenerator:
         images, bad = self._denoise(prompts + prompts[:1] * pad, list(seeds) + list(seeds[:1]) * pad)
         return to_uint8(images[:n], self.out_resolution), bad[:n]
 
+    @torch.inference_mode()
     def generate_into(self, out: torch.Tensor, prompts: list[str], seeds: list[int]) -> None:
         """Write a unit's images into ``out`` (uint8 ``[N, 3, R, R]``: a pinned queue slot, or
         device memory), ``batch_size`` at a time. Copies out are asynchronous and bad images are
@@ -181,6 +327,7 @@ class DiffusionGenerator:
                 bad[idx] = again
         # a sample still bad after max_redraws stays as it came out (black)
 
+    @torch.inference_mode()
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """uint8 ``[N, 3, R, R]`` on the device, R = the stream resolution."""
         r = self.out_resolution
@@ -206,6 +353,7 @@ class FakeGenerator:
         self.batch_size, self.out_resolution, self.device = cfg.batch_size, out_resolution, device
         self.redraws = 0
 
+    @torch.inference_mode()
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         r = self.out_resolution
         out = torch.empty(len(seeds), 3, r, r, dtype=torch.uint8)
@@ -215,6 +363,7 @@ class FakeGenerator:
             out[i] = torch.nn.functional.interpolate(low.float(), size=(r, r), mode="nearest")[0].to(torch.uint8)
         return out.to(self.device)
 
+    @torch.inference_mode()
     def generate_into(self, out: torch.Tensor, prompts: list[str], seeds: list[int]) -> None:
         out.copy_(self.generate(prompts, seeds))
 

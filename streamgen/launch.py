@@ -119,7 +119,7 @@ def resolved_config(job: Job) -> dict:
     import torch
 
     from streamgen.config import local_crop_size
-    from streamgen.generator import FAKE, resolve_dtype
+    from streamgen.generator import FAKE, compiles, resolve_dtype
     from streamgen.trainer import resolve_precision
 
     cfg = to_dict(job.cfg)
@@ -127,8 +127,9 @@ def resolved_config(job: Job) -> dict:
     device = torch.device(job.generator_devices[0])  # naming a device does not initialise CUDA
     gen_threads, trainer_threads = _threads_per_process(job)
     g["dtype"] = str(resolve_dtype(g["dtype"], device)).removeprefix("torch.")
-    compiled = job.model != FAKE and (g["compile"] == "on" or (g["compile"] == "auto" and device.type == "cuda"))
+    compiled = job.model != FAKE and compiles(job.cfg.generator, device.type)
     g["compile"] = "on" if compiled else "off"
+    g["compile_vae"] = compiled and g["compile_vae"]
     g["threads"] = gen_threads or torch.get_num_threads()  # 0 on GPU: torch's default
     t["threads"] = trainer_threads or torch.get_num_threads()
     t["precision"] = resolve_precision(job)

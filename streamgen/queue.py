@@ -29,6 +29,7 @@ from __future__ import annotations
 import mmap
 import os
 import select
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,13 @@ def avoid_named_semaphores() -> None:
     from tqdm import tqdm
 
     tqdm.set_lock(threading.RLock())
+
+
+_pin_failure_said: list[int] = []  # a failed page-locking is said once per process
+
+
+def _stderr(message: str) -> None:
+    print(f"streamgen: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _spawn_only_dupfd(fd: int, what: str):
@@ -231,13 +239,33 @@ class SlotQueue:
             v = self._views[slot] = SlotView(images, labels, ids)
         return v
 
-    def pin_memory(self) -> None:
-        """Page-lock the slots for this process's CUDA context, so device copies are async."""
+    def pin_memory(self, warn: Callable[[str], None] | None = None) -> bool:
+        """Page-lock the slots for this process's CUDA context, so device copies are async.
+
+        Registration is per process: the generators (copies in) and the trainer rank (copies
+        out) each call it. A failure (e.g. the locked-memory limit, ``ulimit -l``) leaves the
+        slots pageable: copies still work but block the host; it is said once per process, with
+        CUDA's error, through ``warn`` (default: a line on stderr). Returns whether the slots are pinned.
+        """
         if self._pinned or not torch.cuda.is_available():
-            return
+            return self._pinned
         base = self.view(0).images.data_ptr() - self._header_bytes
-        err = torch.cuda.cudart().cudaHostRegister(base, self.nbytes, 0)
-        self._pinned = int(getattr(err, "value", err)) == 0
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(base, self.nbytes, 0)
+        code = int(getattr(err, "value", err))
+        self._pinned = code == 0
+        if not self._pinned and not _pin_failure_said:
+            _pin_failure_said.append(code)  # once per process, whatever the number of queues
+            try:
+                reason = cudart.cudaGetErrorString(err)
+            except Exception:  # an older binding: the code alone
+                reason = "see CUDA's error codes"
+            (warn or _stderr)(
+                f"cannot page-lock the queue's {self.nbytes / 2**20:.0f} MiB in process {os.getpid()} "
+                f"(cudaHostRegister error {code}: {reason}): copies to and from the GPU will block the host; "
+                "raise the locked-memory limit (ulimit -l) to fix it"
+            )
+        return self._pinned
 
     # -- the supervisor's side -------------------------------------------------------------
 

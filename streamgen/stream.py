@@ -110,6 +110,12 @@ class StreamDataModule(SourceDataModule):
         so after a resumed checkpoint has restored the cursor)."""
         return (rank_unit(self.rank, self.world, k) for k in self.cursor.pending())
 
+    def setup(self, stage: str) -> None:
+        # Page-lock the slots in this process too (registration is per process), so that
+        # Lightning's non-blocking copy of each batch to the GPU really is asynchronous.
+        if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
+            self.queue.pin_memory()
+
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: the queue already yields whole batches; no workers: the slots
         # live in this process's memory map.

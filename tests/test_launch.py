@@ -94,6 +94,19 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_starts(tmp_path, capsy
     assert not (tmp_path / "runs").exists() and not descendants(os.getpid())
 
 
+def test_a_generator_combination_that_cannot_work_is_refused_before_anything_starts(tmp_path, capsys, monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))  # as if installed
+    args = ["--generator.attention", "xformers", "--generator.compile", "on"]
+    code = main(["--config", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path / "runs"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "xformers' attention breaks torch.compile's graph" in err
+    assert not (tmp_path / "runs").exists() and not descendants(os.getpid())
+
+
 def _file(tmp: Path, name: str, content: str | bytes) -> str:
     path = tmp / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())

@@ -133,6 +133,26 @@ def test_a_consumer_whose_owner_died_raises_instead_of_hanging(tmp_path):
     assert result.read_text().startswith("OwnerDied: the launcher")
 
 
+def test_a_failed_page_lock_is_said_once_per_process_with_cudas_error(monkeypatch):
+    import streamgen.queue as queue_module
+
+    class RefusingCudart:
+        def cudaHostRegister(self, pointer, size, flags):
+            return 2  # cudaErrorMemoryAllocation
+
+        def cudaGetErrorString(self, error):
+            return "out of memory"
+
+    monkeypatch.setattr(queue_module, "_pin_failure_said", [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: RefusingCudart())
+    said: list[str] = []
+    assert make_queue().pin_memory(said.append) is False
+    assert make_queue().pin_memory(said.append) is False  # a second queue of the same process
+    assert len(said) == 1
+    assert "cudaHostRegister error 2: out of memory" in said[0] and "ulimit -l" in said[0]
+
+
 @pytest.mark.gpu
 def test_pinned_slots_copy_to_the_gpu():
     q = make_queue()

@@ -73,3 +73,23 @@ def test_stream_position_round_trips_through_a_checkpoint(tmp_path):
     other = data_module(filled_queue([1]), tmp_path)
     other.load_state_dict(state)
     assert other.cursor.below == 2 and other.cursor.done == {3}
+
+
+@pytest.mark.parametrize("device, pinned", [("cuda", True), ("cpu", False)])
+def test_the_trainer_page_locks_its_queue_slots_on_a_gpu(tmp_path, monkeypatch, device, pinned):
+    q = filled_queue([1])
+    calls = []
+    monkeypatch.setattr(q, "pin_memory", lambda *a, **k: calls.append(1) or True)
+    dm = data_module(q, tmp_path)
+    dm.trainer = SimpleNamespace(global_step=0, strategy=SimpleNamespace(root_device=torch.device(device)))
+    dm.setup("fit")
+    assert bool(calls) is pinned  # registration is per process: the generators' does not count here
+
+
+@pytest.mark.gpu
+def test_gpu_trainer_side_registration_succeeds(tmp_path):
+    q = filled_queue([1])
+    dm = data_module(q, tmp_path)
+    dm.trainer = SimpleNamespace(global_step=0, strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    dm.setup("fit")
+    assert q._pinned

@@ -65,7 +65,7 @@ def _finished_cache(cfg: RunConfig, command: str) -> tuple[SamplePlan, CacheSpec
 def cmd_build(cfg: RunConfig) -> int:
     from streamgen.cache.build import CacheBuildFailed, build_cache, build_slots, supervision
     from streamgen.checks import assign_devices
-    from streamgen.generator import FAKE, WorkerSpec, check_attention
+    from streamgen.generator import FAKE, WorkerSpec, check_generator
     from streamgen.nodes import resolve_placement
     from streamgen.pipeline import resolve_model
 
@@ -73,8 +73,9 @@ def cmd_build(cfg: RunConfig) -> int:
     plan, classes, counts = _plan(cfg)
     spec = check_cache(cfg, classes.fingerprint(), counts, len(classes))
     model = cfg.model if cfg.model == FAKE else resolve_model(cfg.model)
-    check_attention(cfg.generator.attention)
     devices, _, _ = assign_devices(cfg.generators, 0)
+    if model != FAKE:
+        check_generator(cfg.generator, devices[0].split(":")[0])
     if spec.complete:
         log(f"the cache in {cfg.cache.dir} is complete ({spec.layout.images} images): nothing to build")
         return 0
