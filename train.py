@@ -11,7 +11,7 @@ import sys
 
 if __name__ == "__main__":  # spawned processes import this file: start nothing at import
     try:
-        from streamgen.launch import main  # seconds (torch): a Ctrl-C here is no traceback either
+        from streamgen.launch.launcher import main  # seconds (torch): a Ctrl-C here is no traceback either
     except KeyboardInterrupt:
         print("train.py: interrupted while starting; nothing was started", file=sys.stderr)
         sys.exit(130)

@@ -2,7 +2,7 @@
 
 The per-image way is what a DataLoader worker does: the t-ReX recipe (naver/trex
 ``multi_crop.py``) as torchvision v2 transforms, applied to one uint8 tensor image at a time,
-then the crops collated into a batch. streamgen's way (`streamgen.augment.MultiCrop`) draws
+then the crops collated into a batch. streamgen's way (`streamgen.train.augment.MultiCrop`) draws
 every parameter per image but runs each transform once on the whole batch.
 
     python bench/augment.py --threads 1          # CPU, per core (and GPU when there is one)
@@ -28,14 +28,14 @@ import time
 import torch
 from torchvision.transforms import v2
 
-from streamgen.augment import (
+from streamgen.config import TrainConfig, local_crop_size
+from streamgen.train.augment import (
     BLUR_SIGMA,
     IMAGENET_MEAN,
     IMAGENET_STD,
     MultiCrop,
     blur_kernel_size,
 )
-from streamgen.config import TrainConfig, local_crop_size
 
 
 def per_image_recipe(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> v2.Compose:

@@ -3,7 +3,7 @@
 Lightning's `TorchCheckpointIO` serialises the whole checkpoint into memory first, then has
 fsspec write it to a temporary file under ``$TMPDIR`` and move it into place (a copy when the
 run folder is on another filesystem: the window in which a kill leaves a truncated file).
-`streamgen.checkpoint.atomic_save` streams it to a hidden file next to the target, fsyncs and
+`streamgen.train.checkpoint.atomic_save` streams it to a hidden file next to the target, fsyncs and
 renames. Both write the same ResNet checkpoint (weights + SGD momentum) to ``--dir``.
 
     python bench/checkpoint.py --arch resnet50 --dir runs/bench-ckpt
@@ -23,7 +23,7 @@ import torch
 import torchvision
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from streamgen.checkpoint import AtomicCheckpointIO
+from streamgen.train.checkpoint import AtomicCheckpointIO
 
 
 def fake_checkpoint(arch: str) -> dict:

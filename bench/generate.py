@@ -6,7 +6,7 @@
 Side by side, in one run, on the same model, scheduler, steps, guidance, resolution and batch:
 
 (a) streamgen: `DiffusionGenerator.generate_into` one queue slot, exactly as a generator process
-    does (`streamgen.generator.worker_main`): cached text embeddings, one noise generator per
+    does (`streamgen.stream.worker.worker_main`): cached text embeddings, one noise generator per
     sample, resize to the stream resolution and uint8 on the device, an asynchronous copy into
     the slot (page-locked with cudaHostRegister on a GPU), one host sync per unit. On a GPU:
     fp16, channels-last, the UNet under torch.compile with CUDA graphs.
@@ -31,9 +31,9 @@ import time
 import torch
 
 from streamgen.config import GeneratorConfig
-from streamgen.generator import DiffusionGenerator, resolve_dtype, tflop_per_image, unet_evaluations
-from streamgen.pipeline import load_pipeline, resolve_model
-from streamgen.queue import Doorbell, SlotQueue
+from streamgen.generate.diffusion import DiffusionGenerator, resolve_dtype, tflop_per_image, unet_evaluations
+from streamgen.generate.pipeline import load_pipeline, resolve_model
+from streamgen.stream.queue import Doorbell, SlotQueue
 
 PROMPTS = ["papillon, toy spaniel inside hockey arena", "tabby, tabby cat, domestic cat inside kitchen"]
 

@@ -85,7 +85,7 @@ def _with_redraws(generator) -> None:
 
 def section_correctness(args) -> dict:
     from streamgen.config import GeneratorConfig
-    from streamgen.generator import DiffusionGenerator, ReplayedOutputs, make_scheduler
+    from streamgen.generate.diffusion import DiffusionGenerator, ReplayedOutputs, make_scheduler
 
     device = torch.device("cuda" if not args.smoke else "cpu")
     dtype = "float16" if device.type == "cuda" else "float32"
@@ -166,7 +166,7 @@ def _text_cache_cost(gpu: bool) -> dict:
     fp16 = 0.11 MiB at SD v1.4's shapes; a kept autograd graph was ~27 MiB), and whether any
     cached embedding requires grad."""
     from streamgen.config import GeneratorConfig
-    from streamgen.generator import DiffusionGenerator
+    from streamgen.generate.diffusion import DiffusionGenerator
 
     device = torch.device("cuda" if gpu else "cpu")
     model = "sd14-random" if gpu else "tiny"
@@ -190,7 +190,7 @@ def _text_cache_cost(gpu: bool) -> dict:
 
 
 def section_slots(args) -> dict:
-    from streamgen.queue import Doorbell, SlotQueue
+    from streamgen.stream.queue import Doorbell, SlotQueue
 
     if args.smoke:
         return {"skipped": "no GPU"}
@@ -221,9 +221,9 @@ def section_slots(args) -> dict:
 
 
 def section_trainer(args) -> dict:
-    from streamgen.augment import build_augment
     from streamgen.config import TrainConfig
-    from streamgen.model import Classifier
+    from streamgen.train.augment import build_augment
+    from streamgen.train.model import Classifier
 
     device = torch.device("cpu" if args.smoke else "cuda")
     arch, batch, res, crop = ("resnet18", 8, 64, 32) if args.smoke else ("resnet50", 256, 256, 224)

@@ -2,7 +2,7 @@
 
 The features imitate a ResNet-50's pooled output: ``n`` x 2048, non-negative (after a ReLU),
 ``classes`` classes that are separable only in part. Both solvers run the whole protocol of
-`streamgen.probe.linear_probe`: the 14 values of C (one per decade over trex's 1e-5..1e6, then
+`streamgen.evaluate.probe.linear_probe`: the 14 values of C (one per decade over trex's 1e-5..1e6, then
 the half-decades around the best) on a per-class 20% validation split, then the refit on all
 training features and the test top-1. scikit-learn is run as trex runs it:
 ``LogisticRegression(C, solver="lbfgs")`` from scratch for each C on the raw features (same
@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from streamgen.probe import linear_probe, stratified_split
+from streamgen.evaluate.probe import linear_probe, stratified_split
 
 
 def make_features(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -18,12 +18,12 @@ import time
 import torch
 import torch.multiprocessing as tmp
 
-from streamgen.classes import load_classes
 from streamgen.config import GeneratorConfig
-from streamgen.generator import WorkerSpec
-from streamgen.plan import SamplePlan, UnitCursor
-from streamgen.prompts import PromptTemplate
-from streamgen.supervisor import SPAWN, Supervisor
+from streamgen.plan.classes import load_classes
+from streamgen.plan.prompts import PromptTemplate
+from streamgen.plan.samples import SamplePlan, UnitCursor
+from streamgen.stream.supervisor import SPAWN, Supervisor
+from streamgen.stream.worker import WorkerSpec
 
 
 def copy_worker(spec: WorkerSpec, conn, queues, stats) -> None:

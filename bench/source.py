@@ -32,17 +32,18 @@ import numpy as np
 import torch
 
 from streamgen.cache.build import ShardWriter
-from streamgen.cache.datamodule import CacheDataModule
 from streamgen.cache.layout import Layout
 from streamgen.cache.reader import epoch_order, rank_batches
-from streamgen.classes import load_classes
 from streamgen.config import GeneratorConfig
-from streamgen.generator import FAKE, WorkerSpec
-from streamgen.plan import SamplePlan, UnitCursor
-from streamgen.prompts import PromptTemplate
-from streamgen.source import SourceDataModule
-from streamgen.stream import StreamDataModule
-from streamgen.supervisor import Supervisor
+from streamgen.generate.fake import FAKE
+from streamgen.plan.classes import load_classes
+from streamgen.plan.prompts import PromptTemplate
+from streamgen.plan.samples import SamplePlan, UnitCursor
+from streamgen.stream.supervisor import Supervisor
+from streamgen.stream.worker import WorkerSpec
+from streamgen.train.cache_data import CacheDataModule
+from streamgen.train.source import SourceDataModule
+from streamgen.train.stream_data import StreamDataModule
 
 META = {"classes": "bench", "class_spec": "bench", "seed": 0, "unit_size": 0, "world": 1}
 

@@ -11,7 +11,7 @@ against nltk for all 1000 classes.
 import csv
 from pathlib import Path
 
-from streamgen.classes import imagenet1k_wnids, wordnet_info
+from streamgen.plan.classes import imagenet1k_wnids, wordnet_info
 
 OUT = Path(__file__).resolve().parents[1] / "streamgen" / "data" / "imagenet1k_wordnet.tsv"
 

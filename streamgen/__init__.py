@@ -1,8 +1,12 @@
 """streamgen: train an image classifier on a live stream of Stable Diffusion images.
 
-Data flows one way through the modules:
-classes -> prompts -> plan -> generator -> queue -> supervisor -> stream -> augment -> model
--> callbacks; evaluate reads real images. ``launch`` wires them together for ``train.py``.
+One sub-package per stage, data flowing one way (an import never points to a later stage):
+
+    plan -> generate -> stream -> cache -> train -> evaluate -> launch      (compare reads run folders)
+
+`config` (every setting) and `errors` (`UsageError`) are the foundation every stage may import.
+``train.py`` and ``eval.py`` are thin entry points; so are ``python -m streamgen.prompts``,
+``python -m streamgen.cache`` and ``python -m streamgen.compare``. See README.md's *Design*.
 """
 
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ still going is read as far as it got) and writes into ``--out``:
 
 - ``compare.png``: validation top-1 and top-5, linear-probe top-1 (``probe/<name>/top1``) where
   logged, and the training loss, each against accounted compute (total GPU-hours, see
-  `streamgen.compute`) and against images seen; one line per run, the same colour throughout;
+  `streamgen.train.compute`) and against images seen; one line per run, the same colour throughout;
 - ``compare.md``: a summary of each run, and each run's metrics at matched budgets: the largest
   budget every run has reached, and fractions of it; a metric "at budget B" is its last value
   logged at or before B GPU-hours.
@@ -38,7 +38,7 @@ FIGURE, TABLE = "compare.png", "compare.md"
 TOTAL, SEEN, UNIQUE = "compute/total_gpu_hours", "data/images_seen", "data/unique_images"
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 # Metrics compared, in order: (tag, title, percent: the factor to a percentage, None for a loss).
-# Validation accuracies are logged as fractions, linear probes (streamgen.probe_callback) in percent.
+# Validation accuracies are logged as fractions, linear probes (streamgen.evaluate.probe_callback) in percent.
 VAL_METRICS = (("val/top1", "validation top-1 (%)", 100.0), ("val/top5", "validation top-5 (%)", 100.0))
 LOSS = ("train/loss", "training loss (on the run's own images)", None)
 

@@ -43,7 +43,7 @@ needs_wordnet = pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from streamgen.pipeline import build_tiny_pipeline
+    from streamgen.generate.pipeline import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -74,7 +74,7 @@ def write_benchmark(parent: Path, name: str, per_class: int = 1, seed: int = 0) 
 
     from PIL import Image
 
-    from streamgen.benchmarks import synsets
+    from streamgen.evaluate.benchmarks import synsets
 
     rng = np.random.default_rng(seed)
     name, _, variant = name.partition(":")
@@ -110,7 +110,7 @@ def write_checkpoint(path: Path, keys: list[str], arch: str = "resnet18", crop: 
     import lightning
     import yaml
 
-    from streamgen.model import Classifier
+    from streamgen.train.model import Classifier
 
     torch.manual_seed(seed)
     model = Classifier(arch, keys)

@@ -61,7 +61,7 @@ def test_linear_probes_get_a_column_and_a_panel_where_logged(tmp_path):
     a = fake_run(tmp_path / "a" / "version_0", {10: 0.5, 20: 1.0}, {20: 0.25})
     b = fake_run(tmp_path / "b" / "version_0", {10: 0.5, 20: 1.0}, {20: 0.5})
     writer = SummaryWriter(str(a))
-    writer.add_scalar("probe/dtd/top1", 42.5, 10)  # streamgen.probe_callback logs percent
+    writer.add_scalar("probe/dtd/top1", 42.5, 10)  # streamgen.evaluate.probe_callback logs percent
     writer.close()
     assert main([str(a), str(b), "--out", str(tmp_path / "cmp"), "--fractions", "0.5,1"]) == 0
     header, rows = read_table((tmp_path / "cmp" / TABLE).read_text())
@@ -137,7 +137,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case,
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_compare_a_finished_stream_and_cache_run_matches_their_event_files(train_run, tmp_path):
-    from streamgen.classes import load_classes
+    from streamgen.plan.classes import load_classes
 
     val = write_image_folder(tmp_path / "val", load_classes("imagenet100:10").keys, per_class=2, size=(36, 36))
     common = ("--model", "fake", "--train.max_steps", "30", "--train.val_dir", str(val), "--train.val_every", "6")

@@ -7,9 +7,9 @@ its shard's temporary file and frees the slot. A shard whose units are all writt
 fsynced and renamed to its final name; its sha256 and the build's device-seconds so far go to
 ``progress.json``. When every shard exists, ``manifest.json`` is written (last, atomically).
 
-Several nodes can build one cache into a folder they share (`build_cache` with a `Placement`
-of N > 1 nodes): node k makes only the missing shards s with s % N == k and records its own
-``progress-node{k}.json``, so no two nodes write the same file. A node done with its shards
+Several nodes can build one cache into a folder they share (`build_cache` with ``nodes`` N > 1
+and this node's ``node_rank``): node k makes only the missing shards s with s % N == k and
+records its own ``progress-node{k}.json``, so no two nodes write the same file. A node done with its shards
 waits until every shard exists and every node has recorded its last one; node 0 then writes
 the manifest and the others wait for it. Every wait is bounded: a node that shows no sign in
 the folder (no new shard, no progress record: builders record every few seconds) for
@@ -50,11 +50,10 @@ from streamgen.cache.layout import (
     write_json,
 )
 from streamgen.config import RunConfig
-from streamgen.generator import WorkerSpec
-from streamgen.nodes import Placement
-from streamgen.plan import UnitCursor
-from streamgen.queue import FILLED
-from streamgen.supervisor import Supervisor
+from streamgen.plan.samples import UnitCursor
+from streamgen.stream.queue import FILLED
+from streamgen.stream.supervisor import Supervisor
+from streamgen.stream.worker import WorkerSpec
 
 
 class _FiniteLedger:
@@ -271,7 +270,8 @@ def build_cache(
     log: Callable[[str], None] = print,
     progress_stream=None,
     spawn_guard: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    placement: Placement | None = None,
+    nodes: int = 1,
+    node_rank: int = 0,
     patience: float = 120.0,
     lost_peer: Callable[[], str | None] | None = None,
     **supervise: Any,
@@ -280,11 +280,11 @@ def build_cache(
 
     ``spawn_guard``: a context in which the generators are started (the launcher's blocks
     Ctrl-C in them: it alone handles it); ``supervise``: `Supervisor` settings (`supervision`).
-    ``placement``: this node's place when several nodes build the cache together (module
+    ``nodes``, ``node_rank``: this node's place when several nodes build the cache together (module
     docstring); ``patience`` (``dist.timeout``) bounds its waits for the others and
     ``lost_peer`` (`NodeGroup.lost_peer`, if the launchers are joined) names a lost node sooner.
     Raises `CacheBuildFailed` when the others' shards do not come."""
-    nodes, me = (placement.nodes, placement.node_rank) if placement is not None else (1, 0)
+    me = node_rank
     layout = spec.layout
     folder = Path(layout.dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from streamgen.cache.reader import CacheReader
-from streamgen.plan import SamplePlan
+from streamgen.plan.samples import SamplePlan
 
 FORMATS = ("imagefolder", "webdataset")
 CHUNK = 256  # samples read from the cache at a time

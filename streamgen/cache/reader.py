@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from streamgen.cache.layout import Layout, read_manifest
-from streamgen.plan import hash_ids
+from streamgen.plan.samples import hash_ids
 
 _EPOCH_ORDER = 5  # a hash stream of its own, apart from the plan's (1..4)
 

@@ -1,0 +1,38 @@
+"""``--model fake``: deterministic class-free images without diffusion, for testing the stream fast."""
+
+from __future__ import annotations
+
+import torch
+
+from streamgen.config import GeneratorConfig
+
+FAKE = "fake"  # --model fake: a seeded pattern per noise seed, no diffusion
+
+
+class FakeGenerator:
+    """Deterministic images without diffusion: a class-free pattern from the noise seed.
+
+    For tests of the stream itself (``--model fake``): the same interface and the same
+    per-sample reproducibility, thousands of images per second on a CPU.
+    """
+
+    def __init__(self, cfg: GeneratorConfig, out_resolution: int, device: torch.device) -> None:
+        self.batch_size, self.out_resolution, self.device = cfg.batch_size, out_resolution, device
+        self.redraws = 0
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        r = self.out_resolution
+        out = torch.empty(len(seeds), 3, r, r, dtype=torch.uint8)
+        for i, seed in enumerate(seeds):
+            g = torch.Generator().manual_seed(int(seed))
+            low = torch.randint(0, 256, (1, 3, 4, 4), generator=g, dtype=torch.uint8)
+            out[i] = torch.nn.functional.interpolate(low.float(), size=(r, r), mode="nearest")[0].to(torch.uint8)
+        return out.to(self.device)
+
+    @torch.inference_mode()
+    def generate_into(self, out: torch.Tensor, prompts: list[str], seeds: list[int]) -> None:
+        out.copy_(self.generate(prompts, seeds))
+
+    def warmup(self) -> None:
+        pass

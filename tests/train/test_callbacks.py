@@ -1,0 +1,217 @@
+"""The dashboard and the terminal: the pieces, then one real run read back from its event files."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import yaml
+from conftest import read_scalars
+from test_dashboard import STREAM_WITH_VAL, pinned_cards
+
+from streamgen.plan.classes import load_classes
+from streamgen.plan.prompts import PromptTemplate
+from streamgen.plan.samples import SamplePlan
+from streamgen.train.callbacks import (
+    CAPTION_MIN_TILE,
+    StreamLogger,
+    captioned_grid,
+    data_wait_seconds,
+    gpu_devices,
+    hparam_values,
+    preview_rows,
+    prompt_table,
+)
+from streamgen.train.dashboard import dashboard_query
+
+LINE = re.compile(
+    r"^(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ) step=(?P<step>\d+)/(?P<total>\d+) loss=(?P<loss>\S+) "
+    r"top1=(?P<top1>\S+) gen_img_s=(?P<gen>\S+) train_img_s=(?P<train>\S+) wait=(?P<wait>\S+) "
+    r"queue=(?P<queue>\S+) lr=(?P<lr>\S+) eta=(?P<eta>\S+)( gpu_hours=(?P<gpu_hours>\S+))?$"
+)
+
+
+def test_captions_are_drawn_on_each_tile_and_nowhere_else():
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    grid = captioned_grid(images, [f"class {i}" for i in range(16)])
+    factor = CAPTION_MIN_TILE // 32  # small stream images are enlarged by a whole factor
+    plain = torchvision.utils.make_grid(
+        images.repeat_interleave(factor, -1).repeat_interleave(factor, -2), nrow=4, padding=2
+    )
+    assert grid.shape == plain.shape == (3, 4 * 128 + 5 * 2, 4 * 128 + 5 * 2)
+    differs = (grid != plain).any(0)
+    side = 128
+    for tile in range(16):
+        top, left = 2 + (tile // 4) * (side + 2), 2 + (tile % 4) * (side + 2)
+        band = differs[top + side - 20 : top + side, left : left + side]
+        assert band.float().mean() > 0.5, f"no caption on tile {tile}"  # the caption's band
+        assert not differs[top : top + side - 40, left : left + side].any()  # the image itself is untouched
+
+
+def test_big_stream_images_keep_their_resolution():
+    images = torch.zeros(16, 3, 256, 256, dtype=torch.uint8)
+    assert captioned_grid(images, ["x"] * 16).shape[-1] == 4 * 256 + 5 * 2
+
+
+def test_prompt_table_lists_the_classes_in_grid_order():
+    plan = SamplePlan(load_classes("imagenet100:10"), PromptTemplate.parse("c_hc_b"), seed=1)
+    ids = np.arange(40, 56)
+    rows = preview_rows(plan, ids)
+    labels = plan.labels(ids)
+    assert [r["id"] for r in rows] == ids.tolist() and [r["tile"] for r in rows] == list(range(16))
+    assert [r["wnid"] for r in rows] == [plan.classes.classes[label].key for label in labels]
+    assert [r["prompt"] for r in rows] == plan.prompts(ids)
+    for row in rows:  # the caption names the class, the prompt starts with it and holds the scene
+        assert row["prompt"].startswith(row["class"]) and row["prompt"].endswith(f"inside {row['scene']}")
+    table = prompt_table(rows).splitlines()
+    assert table[0] == "| tile | sample id | class | WordNet id | scene | prompt |"
+    assert [line.split(" | ")[2] for line in table[2:]] == [r["class"] for r in rows]
+
+
+def test_the_logger_uses_the_global_step_and_drops_epoch(tmp_path):
+    logger = StreamLogger(save_dir=str(tmp_path), name="run", version="v", default_hp_metric=False)
+    logger.global_step = lambda: 10
+    logger.log_metrics({"train/loss": torch.tensor(1.5), "epoch": 0}, step=9)  # Lightning's own count
+    logger.log_metrics({"stream/redraws": 3}, step=None)
+    logger.experiment.flush()
+    scalars = read_scalars(tmp_path / "run" / "v")
+    assert scalars == {"train/loss": [(10, 1.5)], "stream/redraws": [(10, 3.0)]}
+
+
+def test_hparams_are_flat_and_typed():
+    flat = hparam_values({"seed": 0, "train": {"lr": 0.1, "val_dir": None, "precision": "32-true"}})
+    assert flat == {"seed": 0, "train.lr": 0.1, "train.precision": "32-true"}  # null: not used by this run
+
+
+def test_gpu_names_follow_the_job():
+    assert gpu_devices(["cuda:0", "cuda:1"], [2, 3]) == {"generator0": 0, "generator1": 1, "trainer0": 2, "trainer1": 3}
+    assert gpu_devices(["cpu", "cpu"], 1) == {}  # nothing on CPU
+
+
+def test_wait_seconds_of_a_data_module_or_its_stream():
+    class Stream:
+        wait_seconds = 2.5
+
+    class ByStream:
+        stream = Stream()
+
+    class Own:
+        wait_seconds = 1.0
+
+    assert data_wait_seconds(ByStream()) == 2.5 and data_wait_seconds(Own()) == 1.0
+    assert data_wait_seconds(object()) == 0.0
+
+
+def _events(folder):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        yield from EventFileLoader(str(path)).Load()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_runs_dashboard_and_log_lines(train_run, tmp_path):
+    from conftest import write_image_folder
+
+    val = write_image_folder(tmp_path / "val", load_classes("imagenet100:10").keys[:3], per_class=2)
+    run = train_run(
+        *("--model", "fake", "--generators", "2", "--train.max_steps", "20", "--train.log_every", "5"),
+        *("--train.val_dir", str(val), "--train.val_every", "10", "--train.workers", "0"),
+        *("--train.preview_every", "10"),
+    )
+    assert run.wait(240) == 0, run.output[-3000:]
+    out = run.output
+    # The terminal: plain lines every log_every steps, and nothing else from the libraries.
+    assert "\r" not in out
+    for noise in ("Tip", "TPU available", "GPU available", "v_num", "Epoch 0", "Training", "LeafSpec", "fit` stopped"):
+        assert noise not in out, noise
+    lines = [LINE.match(line) for line in out.splitlines() if " step=" in line]
+    assert all(lines), out
+    assert [int(m["step"]) for m in lines] == [5, 10, 15, 20] and {m["total"] for m in lines} == {"20"}
+    for m in lines:
+        assert float(m["gen"]) > 0 and float(m["train"]) > 0 and 0 <= float(m["wait"]) <= 1
+        assert 0 <= float(m["queue"]) <= 1 and float(m["lr"]) > 0 and m["eta"] != "?"
+    folder = tmp_path / "runs" / "smoke" / "version_0"
+    # The scalars: one step convention, no epoch, integers where they count.
+    scalars = read_scalars(folder)
+    assert "epoch" not in scalars and not any(tag.startswith("lr-") for tag in scalars)
+    for tag in ("train/loss", "train/top1_stream", "train/lr", "stream/trainer_wait_fraction", "stream/queue_fill"):
+        assert [s for s, _ in scalars[tag]] == [5, 10, 15, 20], tag
+    for tag in ("stream/generator_images_per_s", "stream/generator0_images_per_s", "stream/trainer_images_per_s"):
+        assert [s for s, _ in scalars[tag]] == [5, 10, 15, 20], tag
+    assert [s for s, _ in scalars["val/top1"]] == [10, 20]
+    assert all(v == int(v) for _, v in scalars["stream/redraws"] + scalars["stream/generator_restarts"])
+    total = dict(scalars["stream/generator_images_per_s"])
+    each = [dict(scalars[f"stream/generator{g}_images_per_s"]) for g in (0, 1)]
+    assert all(total[s] == pytest.approx(each[0][s] + each[1][s]) for s in total)
+    # The resolved config: what ran, no `auto`, and null only for what was not asked for.
+    resolved = yaml.safe_load((folder / "config.yaml").read_text())
+    g, s, t = resolved["generator"], resolved["stream"], resolved["train"]
+    assert (g["dtype"], g["compile"], t["precision"]) == ("float32", "off", "32-true")
+    assert s["slots"] == 4 and g["threads"] >= 1  # slots: 2 generators / 1 trainer + 2 and t["threads"] >= 1
+    assert "auto" not in yaml.safe_dump(resolved)
+    from streamgen.config import parse_config
+
+    assert parse_config(["--config", str(folder / "config.yaml")]).stream.slots == 4  # it runs again as it is
+    # HPARAMS (the resolved config, with the metrics it shows), the config text, the layout.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    plugins: dict[str, list] = {}
+    for event in _events(folder):
+        for value in event.summary.value:
+            plugins.setdefault(value.metadata.plugin_data.plugin_name, []).append(value)
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    hparams = {v.tag: v.metadata.plugin_data.content for v in plugins["hparams"]}
+    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hparams)
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert (
+        start.hparams["stream.slots"].number_value == 4 and start.hparams["train.precision"].string_value == "32-true"
+    )
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} >= {"train/loss", "val/top1"}
+    assert any(v.tag == "custom_scalars__config__" for v in plugins["custom_scalars"])
+    config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "peak LR is 0.1 x 8 / 256 = 0.003125" in config_text and "slots: 4" in config_text
+    # The link to the Time Series page with train, stream, val pinned: printed by the launcher and
+    # first in the config text; it pins only scalar tags this run wrote, in reading order.
+    printed = re.findall(r"then open (http://localhost:6006/\S+#timeseries)\)", out)
+    assert len(printed) == 1, out[:3000]
+    tags = [card["tag"] for card in pinned_cards(printed[0])]
+    assert tags == STREAM_WITH_VAL and set(tags) <= set(scalars)
+    assert config_text.splitlines()[0].startswith("- dashboard: [") and f"]({dashboard_query(tags)})" in config_text
+    # The previews: 16 captioned tiles at the stream resolution (32 px, enlarged 4x for the caption).
+    image = events.Images("stream/samples")[0]
+    assert (image.width, image.height) == (4 * 128 + 10, 4 * 128 + 10)
+    table = events.Tensors("stream/prompts/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert len(table.splitlines()) == 2 + 16
+
+
+def test_gpu_figures_come_from_nvml_by_device_uuid(monkeypatch):
+    """CUDA and NVML may number GPUs differently: devices are matched by UUID."""
+    import sys
+    import types
+
+    from streamgen.train.callbacks import GpuReader
+
+    uuids = {0: "aaaa", 1: "bbbb"}
+    nvml = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByUUID=lambda uuid: {"GPU-aaaa": "nvml-7", "GPU-bbbb": "nvml-3"}[uuid],
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu={"nvml-7": 97, "nvml-3": 12}[h]),
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used={"nvml-7": 2**32, "nvml-3": 2**30}[h]),
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid=uuids[i]))
+    figures = GpuReader({"generator0": 1, "trainer0": 0}).read()
+    assert figures == {
+        "workers/generator0_gpu_util": 12.0,
+        "workers/generator0_gpu_memory_gib": 1.0,
+        "workers/trainer0_gpu_util": 97.0,
+        "workers/trainer0_gpu_memory_gib": 4.0,
+    }

@@ -1,0 +1,336 @@
+"""Compute accounting (device-seconds held), its TensorBoard figures and --train.budget_gpu_hours."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from streamgen.config import RunConfig, parse_config
+from streamgen.errors import UsageError
+from streamgen.train.compute import (
+    BuildCost,
+    ComputeLedger,
+    ComputeMonitor,
+    milli_gpu_hours,
+    read_build_cost,
+)
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeLogger:
+    """Records scalars as TensorBoard's SummaryWriter.add_scalar would write them."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[str, float, int]] = []
+        self.descriptions: dict[str, str] = {}
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.logged.append((tag, value, step))
+
+    def series(self, tag: str) -> list[tuple[int, float]]:
+        return [(step, value) for t, value, step in self.logged if t == tag]
+
+    def at_step(self, step: int) -> dict[str, float]:
+        return {t: value for t, value, s in self.logged if s == step}
+
+
+class FakeStrategy:
+    """Single-process stand-in; ``rank0_says`` plays rank 0's side of the broadcast on other ranks."""
+
+    def __init__(self, rank0_says: bool | None = None) -> None:
+        self.rank0_says = rank0_says
+        self.broadcasts = 0
+
+    def broadcast(self, obj, src: int = 0):
+        self.broadcasts += 1
+        return obj if self.rank0_says is None else self.rank0_says
+
+
+class FakeTrainer:
+    def __init__(self, world_size: int = 1, rank: int = 0, rank0_says: bool | None = None) -> None:
+        self.global_step = 0
+        self.world_size = world_size
+        self.is_global_zero = rank == 0
+        self.logger = FakeLogger()
+        self.strategy = FakeStrategy(rank0_says)
+        self.should_stop = False
+        self.sanity_checking = False
+        self.callback_metrics: dict = {}
+        self.saved: list[Path] = []
+        self.callbacks: list = []
+
+    def save_checkpoint(self, path) -> None:
+        self.saved.append(Path(path))
+
+
+def batch(n: int) -> dict:
+    return {"label": [0] * n}
+
+
+def run_steps(monitor: ComputeMonitor, trainer: FakeTrainer, clock: FakeClock, steps: int, dt: float, n: int = 8):
+    """``steps`` trainer steps of ``dt`` seconds each; stops early like Lightning when should_stop is set."""
+    for _ in range(steps):
+        clock.t += dt
+        trainer.global_step += 1
+        monitor.on_train_batch_end(trainer, None, None, batch(n), trainer.global_step - 1)
+        if trainer.should_stop:
+            break
+
+
+# -- the arithmetic -------------------------------------------------------------------------------
+
+
+def test_ledger_counts_devices_times_wall_time_per_role():
+    ledger = ComputeLedger(generators=3, trainers=2, started=100.0)
+    assert ledger.generator_seconds(160.0) == 3 * 60
+    assert ledger.trainer_seconds(160.0) == 2 * 60
+    assert ledger.total_seconds(160.0) == 5 * 60
+    assert ledger.total_seconds(50.0) == 0  # a clock before the start counts nothing
+
+
+def test_ledger_adds_a_cache_build_as_generator_compute_and_continues_earlier_sessions():
+    ledger = ComputeLedger(generators=0, trainers=4, started=0.0, build_seconds=7200.0, earlier_trainer_seconds=360.0)
+    assert ledger.generator_seconds(10.0) == 7200.0
+    assert ledger.trainer_seconds(10.0) == 360.0 + 4 * 10
+    # A checkpoint carries what was held, not the fixed build cost (re-read from the manifest).
+    assert ledger.carried(10.0) == {"generator_device_seconds": 0.0, "trainer_device_seconds": 400.0}
+
+
+def test_monitor_logs_compute_and_images_on_the_global_step_convention():
+    clock = FakeClock()
+    monitor = ComputeMonitor(generators=2, trainers=2, log_every=5, clock=clock)
+    trainer = FakeTrainer(world_size=2)
+    run_steps(monitor, trainer, clock, steps=12, dt=36.0, n=8)  # 36 s: 0.01 h of wall per step
+    logged = trainer.logger.series("compute/total_gpu_hours")
+    assert [step for step, _ in logged] == [5, 10]
+    assert logged[0][1] == pytest.approx(4 * 5 * 0.01)  # 4 devices x 5 steps x 0.01 h
+    assert trainer.logger.series("compute/generator_gpu_hours")[1][1] == pytest.approx(2 * 10 * 0.01)
+    assert trainer.logger.series("compute/trainer_gpu_hours")[1][1] == pytest.approx(2 * 10 * 0.01)
+    assert trainer.logger.series("data/images_seen") == [(5, 5 * 8 * 2), (10, 10 * 8 * 2)]  # all ranks
+    assert trainer.logger.series("data/unique_images") == [(5, 80), (10, 160)]  # a stream: all new
+    assert monitor.total_gpu_hours == pytest.approx(4 * 12 * 0.01)
+    assert trainer.strategy.broadcasts == 0  # no budget: no collective at all
+
+
+def test_cache_run_counts_the_manifest_build_and_no_generators_while_training(tmp_path):
+    manifest = {"images": 100, "build": {"device_seconds": 1800.0, "devices": 2}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    cfg = RunConfig()
+    cfg.source, cfg.cache.dir, cfg.generators, cfg.trainers, cfg.train.log_every = "cache", str(tmp_path), 4, 1, 1
+    clock = FakeClock()
+    monitor = ComputeMonitor.from_config(cfg, tmp_path / "run")
+    monitor.clock = clock
+    monitor.ledger.started = clock.t
+    trainer = FakeTrainer()
+    run_steps(monitor, trainer, clock, steps=20, dt=36.0, n=8)
+    assert monitor.generator_gpu_hours == pytest.approx(0.5)  # the build only: 1800 device-seconds
+    assert monitor.trainer_gpu_hours == pytest.approx(20 * 0.01)
+    assert monitor.total_gpu_hours == pytest.approx(0.5 + 0.2)
+    assert trainer.logger.series("data/images_seen")[-1] == (20, 160)
+    assert trainer.logger.series("data/unique_images")[-1] == (20, 100)  # a cache of 100 images
+    assert trainer.logger.series("data/unique_images")[5] == (6, 48)
+
+
+def test_resume_continues_the_totals_from_the_checkpoint():
+    clock = FakeClock()
+    first = ComputeMonitor(generators=2, trainers=1, log_every=1, clock=clock)
+    trainer = FakeTrainer()
+    run_steps(first, trainer, clock, steps=10, dt=36.0)
+    state = first.state_dict()
+    assert first.total_gpu_hours == pytest.approx(0.3)
+
+    clock.t += 5000.0  # the run was down for a while: that time is not counted
+    second = ComputeMonitor(generators=3, trainers=1, log_every=1, clock=clock)  # more generators after resume
+    second.load_state_dict(state)
+    resumed = FakeTrainer()
+    resumed.global_step = 10
+    run_steps(second, resumed, clock, steps=10, dt=36.0)
+    assert second.generator_gpu_hours == pytest.approx(2 * 0.1 + 3 * 0.1)
+    assert second.trainer_gpu_hours == pytest.approx(0.1 + 0.1)
+    assert second.images_seen == 160
+    assert resumed.logger.series("compute/total_gpu_hours")[0][0] == 11
+
+
+def test_read_build_cost_is_defensive(tmp_path):
+    warnings: list[str] = []
+    assert read_build_cost(tmp_path, warn=warnings.append) == BuildCost()
+    assert "manifest.json" in warnings[0]
+    (tmp_path / "manifest.json").write_text("{not json")
+    assert read_build_cost(tmp_path, warn=warnings.append).device_seconds == 0.0
+    (tmp_path / "manifest.json").write_text(json.dumps({"build": {"device_seconds": 36.5, "devices": 3}}))
+    assert read_build_cost(tmp_path) == BuildCost(36.5, 3, None)
+
+
+# -- the budget -----------------------------------------------------------------------------------
+
+
+def test_budget_stops_at_the_first_step_that_reaches_it_and_saves_last_ckpt(tmp_path):
+    clock = FakeClock()
+    said: list[str] = []
+    monitor = ComputeMonitor(
+        generators=1,
+        trainers=1,
+        log_every=100,
+        budget_gpu_hours=0.1,
+        checkpoint_dir=tmp_path / "checkpoints",
+        clock=clock,
+        log=said.append,
+    )
+    trainer = FakeTrainer()
+    run_steps(monitor, trainer, clock, steps=1000, dt=36.0)  # 0.02 GPU-hours per step
+    assert trainer.should_stop and monitor.stopped_by_budget
+    assert trainer.global_step == 5  # 5 x 0.02 = 0.1: the first step at the budget
+    assert trainer.saved == [tmp_path / "checkpoints" / "last.ckpt"]
+    step, total = trainer.logger.series("compute/total_gpu_hours")[-1]
+    assert step == 5 and total >= 0.1  # logged at the stop even though log_every is 100
+    assert len(said) == 1 and "0.1 GPU-hours" in said[0] and "budget" in said[0]
+
+
+def test_budget_decision_is_rank_zeros_on_every_rank(tmp_path):
+    clock = FakeClock()
+    # Rank 1's own clock says the budget is not reached; rank 0's broadcast decides.
+    monitor = ComputeMonitor(1, 1, budget_gpu_hours=100.0, checkpoint_dir=tmp_path, clock=clock)
+    trainer = FakeTrainer(world_size=2, rank=1, rank0_says=True)
+    run_steps(monitor, trainer, clock, steps=3, dt=1.0)
+    assert trainer.global_step == 1 and trainer.should_stop
+    assert trainer.saved == [tmp_path / "last.ckpt"]  # every rank joins the (collective) save
+    assert trainer.logger.logged == []  # only rank 0 logs
+
+    other = ComputeMonitor(1, 1, budget_gpu_hours=1e-9, checkpoint_dir=tmp_path, clock=clock)
+    trainer = FakeTrainer(world_size=2, rank=1, rank0_says=False)
+    run_steps(other, trainer, clock, steps=3, dt=1.0)
+    assert trainer.global_step == 3 and not trainer.should_stop and trainer.saved == []
+
+
+def test_validation_is_also_logged_against_milli_gpu_hours():
+    clock = FakeClock()
+    monitor = ComputeMonitor(generators=1, trainers=1, log_every=1000, clock=clock)
+    trainer = FakeTrainer()
+    run_steps(monitor, trainer, clock, steps=3, dt=900.0)  # 3 x 2 devices x 0.25 h = 1.5 GPU-hours
+    trainer.callback_metrics = {"val/top1": 0.25, "val/top5": 0.5, "val/skipped_images": 0.0, "train/loss": 2.0}
+    monitor.on_validation_end(trainer, None)
+    assert milli_gpu_hours(1.5 * 3600) == 1500
+    assert trainer.logger.at_step(1500) == {"val_by_gpu_hours/top1": 0.25, "val_by_gpu_hours/top5": 0.5}
+    assert trainer.logger.series("compute/total_gpu_hours") == [(3, pytest.approx(1.5))]  # exact, at the val step
+
+    # A linear probe that ran after a step is logged once, at the compute of the next step.
+    from streamgen.evaluate.probe_callback import LinearProbe
+
+    probe = LinearProbe([], every=4)
+    trainer.callbacks = [probe]
+    probe.last = {"dino": {"top1": 75.0, "C": 1.0, "step": 4}}
+    run_steps(monitor, trainer, clock, steps=2, dt=900.0)
+    assert trainer.logger.at_step(2000) == {"probe_by_gpu_hours/dino/top1": 75.0}
+    assert len(trainer.logger.series("probe_by_gpu_hours/dino/top1")) == 1
+    assert len(trainer.logger.series("val_by_gpu_hours/top1")) == 1
+
+
+def test_several_nodes_multiply_the_devices_held():
+    clock = FakeClock()
+    monitor = ComputeMonitor(generators=4, trainers=4, log_every=1, clock=clock)  # one node's
+    trainer = FakeTrainer(world_size=8)  # 2 nodes x 4 ranks
+    monitor.setup(trainer, None, "fit")
+    run_steps(monitor, trainer, clock, steps=1, dt=3600.0)
+    assert monitor.generator_gpu_hours == pytest.approx(8) and monitor.trainer_gpu_hours == pytest.approx(8)
+    assert trainer.logger.descriptions["compute/total_gpu_hours"]  # TensorBoard tooltips
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_budget_must_be_positive(value):
+    with pytest.raises(UsageError, match="--train.budget_gpu_hours must be"):
+        parse_config(["--train.budget_gpu_hours", value])
+
+
+def test_budget_defaults_to_none_and_parses():
+    assert parse_config([]).train.budget_gpu_hours is None
+    assert parse_config(["--train.budget_gpu_hours", "12.5"]).train.budget_gpu_hours == 12.5
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+
+def _checkpoint(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def assert_stopped_at_budget(folder: Path, budget: float, max_steps: int) -> tuple[int, float]:
+    """The run's last logged compute reached the budget, at a checkpointed step below max_steps."""
+    from conftest import read_scalars
+
+    total = read_scalars(folder)["compute/total_gpu_hours"]
+    last_step, last_total = total[-1]
+    assert budget <= last_total < 2 * budget  # stopped at the first step at the budget, not long after
+    assert all(v < budget for _, v in total[:-1])
+    assert last_step < max_steps
+    checkpoint = _checkpoint(folder / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == last_step  # saved at the step the budget stopped
+    return last_step, last_total
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_budget_stops_a_stream_and_a_cache_run_and_resume_continues_the_compute(train_run, tmp_path):
+    from conftest import read_scalars
+
+    budget, max_steps = 0.004, 100000  # 14.4 device-seconds: about 7 s of 1 generator + 1 trainer
+    run = train_run("--model", "fake", "--train.max_steps", str(max_steps), "--train.budget_gpu_hours", str(budget))
+    assert run.wait(240) == 0, run.output[-3000:]
+    assert f"compute budget of {budget:g} GPU-hours" in run.output
+    folder = tmp_path / "runs" / "smoke" / "version_0"
+    last_step, last_total = assert_stopped_at_budget(folder, budget, max_steps)
+    state = _checkpoint(folder / "checkpoints" / "last.ckpt")["callbacks"]["ComputeMonitor"]
+    held = (state["generator_device_seconds"] + state["trainer_device_seconds"]) / 3600
+    assert held == pytest.approx(last_total, rel=0.05)
+
+    # Resumed with a larger budget: the accounting continues from the checkpoint's totals.
+    resumed = train_run(
+        "--model", "fake", "--train.max_steps", str(max_steps), "--train.budget_gpu_hours", str(2 * budget),
+        "--resume", str(folder / "checkpoints" / "last.ckpt"),
+    )  # fmt: skip
+    assert resumed.wait(240) == 0, resumed.output[-3000:]
+    total = read_scalars(tmp_path / "runs" / "smoke" / "version_1")["compute/total_gpu_hours"]
+    assert total[0][0] > last_step and total[0][1] > held  # continues, does not restart from 0
+    assert 2 * budget <= total[-1][1] < 3 * budget
+
+    # A cache run: its build (by this run's 2 generators) counts, then only the trainer.
+    cache_dir = tmp_path / "cache"
+    cache = train_run(
+        "--model", "fake", "--train.budget_gpu_hours", str(budget), "--cache.dir", str(cache_dir),
+        "--cache.images", "64", config="configs/smoke_cache.yaml",
+    )  # fmt: skip
+    assert cache.wait(300) == 0, cache.output[-3000:]
+    folder = tmp_path / "runs" / "smoke_cache" / "version_0"
+    step, _ = assert_stopped_at_budget(folder, budget, max_steps=2000)
+    build = json.loads((cache_dir / "manifest.json").read_text())["build"]["device_seconds"] / 3600
+    scalars = read_scalars(folder)
+    assert all(v == pytest.approx(build) for _, v in scalars["compute/generator_gpu_hours"])
+    assert scalars["data/unique_images"][-1] == (step, min(64, step * 8))
+
+
+@pytest.mark.parametrize(
+    "stream, cache", [("in100_stream_cdc_g2", "in100_cache1x_cdc_g2"), ("smoke_stream", "smoke_cache")]
+)
+def test_config_pairs_differ_only_in_reuse_at_the_same_budget(stream, cache):
+    from streamgen.config import to_dict
+
+    root = Path(__file__).resolve().parents[1]
+    a, b = (to_dict(parse_config(["--config", str(root / "configs" / f"{name}.yaml")])) for name in (stream, cache))
+    assert (a["source"], b["source"]) == ("stream", "cache")
+    assert a["train"]["budget_gpu_hours"] == b["train"]["budget_gpu_hours"] is not None
+    for key in ("classes", "prompt", "model", "seed", "generator", "stream"):
+        assert a[key] == b[key], key
+    for key in ("arch", "crop", "lr", "augment", "head", "label_smoothing"):
+        assert a["train"][key] == b["train"][key], key
