@@ -8,7 +8,7 @@ from streamgen.errors import UsageError
 from streamgen.plan.classes import load_classes
 from streamgen.plan.prompts import PromptTemplate, places365_scenes, readable_scene
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPILLON, PIRATE, TABBY = "n02086910", "n03947888", "n02123045"
 
 

@@ -326,7 +326,7 @@ def test_budget_stops_a_stream_and_a_cache_run_and_resume_continues_the_compute(
 def test_config_pairs_differ_only_in_reuse_at_the_same_budget(stream, cache):
     from streamgen.config import to_dict
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     a, b = (to_dict(parse_config(["--config", str(root / "configs" / f"{name}.yaml")])) for name in (stream, cache))
     assert (a["source"], b["source"]) == ("stream", "cache")
     assert a["train"]["budget_gpu_hours"] == b["train"]["budget_gpu_hours"] is not None
