@@ -33,7 +33,7 @@ WNID_PATTERN = re.compile(r"^n\d{8}$")
 BUILTIN_SETS = ("imagenet1k", "imagenet100")
 WORDNET_HELP = (
     "install WordNet for nltk: python -c \"import nltk; nltk.download('wordnet')\" "
-    "(offline: ../shared/tools/install-wordnet.sh DIR && export NLTK_DATA=DIR)"
+    "(offline: scripts/install-wordnet.sh DIR && export NLTK_DATA=DIR)"
 )
 
 
