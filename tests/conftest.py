@@ -253,8 +253,11 @@ class TrainRun:
 def train_run(tmp_path):
     runs: list[TrainRun] = []
 
-    def start(*args: str, config: str = "configs/smoke.yaml", env: dict[str, str] | None = None) -> TrainRun:
-        run = TrainRun(train_cmd("--out", str(tmp_path / "runs"), *args, config=config), tmp_path, env)
+    def start(
+        *args: str, config: str = "configs/smoke.yaml", env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()
+    ) -> TrainRun:
+        # wrap: a command that runs train.py, e.g. ("timeout", "900") as a user's script does
+        run = TrainRun([*wrap, *train_cmd("--out", str(tmp_path / "runs"), *args, config=config)], tmp_path, env)
         runs.append(run)
         return run
 
