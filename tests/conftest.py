@@ -37,7 +37,8 @@ def wordnet_available() -> bool:
 
 
 needs_wordnet = pytest.mark.skipif(
-    not wordnet_available(), reason="WordNet for nltk is not installed (scripts/install-wordnet.sh DIR; export NLTK_DATA=DIR)"
+    not wordnet_available(),
+    reason="WordNet for nltk is not installed (scripts/install-wordnet.sh DIR; export NLTK_DATA=DIR)",
 )
 
 

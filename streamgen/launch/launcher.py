@@ -472,6 +472,21 @@ def _join(processes: list, grace: float) -> None:
             p.join(5)
 
 
+def warn_about_the_budget(job: Job) -> str | None:
+    """Say at start when --train.budget_gpu_hours will stop the run before its LR schedule ends.
+
+    Only on GPUs: the rates the estimate assumes (`streamgen.train.budget`) are GPUs'."""
+    from streamgen.train.budget import schedule_warning
+
+    if job.accelerator != "gpu":
+        return None
+    images = job.cache.layout.images if job.cache is not None else None
+    warning = schedule_warning(job.cfg, job.cfg.generators * job.placement.nodes, job.world, images)
+    if warning:
+        log(f"warning: {warning}")
+    return warning
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv, prog="train.py", description=DESCRIPTION)  # bad flags: exit 2
@@ -483,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("train.py: interrupted while checking the input; nothing was started", file=sys.stderr)
         return 130
+    warn_about_the_budget(job)
     if group is None:
         return run(job)
     try:
