@@ -9,6 +9,7 @@ import torch
 from conftest import read_consumed, read_scalars
 
 FAST = ("--model", "fake", "--train.log_every", "2")
+SECRET = {"STREAMGEN_DIST_SECRET": "a secret the nodes of the test share"}
 
 
 def free_port_pair() -> int:
@@ -32,7 +33,7 @@ def start_nodes(train_run, nodes: int, *args: str, port: int | None = None, extr
     for rank in range(nodes):
         flags = ["--dist.nodes", str(nodes), "--dist.node_rank", str(rank)]
         flags += ["--dist.master_addr", "127.0.0.1", "--dist.master_port", str(port)]
-        runs.append(train_run(*FAST, *flags, *args, *(extra or {}).get(rank, ())))
+        runs.append(train_run(*FAST, *flags, *args, *(extra or {}).get(rank, ()), env=SECRET))
     return runs
 
 
