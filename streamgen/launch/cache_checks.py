@@ -14,7 +14,7 @@ import numpy as np
 from streamgen.cache.layout import CacheSpec, check_cache
 from streamgen.cache.reader import steps_per_epoch
 from streamgen.cache.status import check_shards, recorded_sha256
-from streamgen.config import RunConfig
+from streamgen.config import MAX_STEPS, RunConfig
 from streamgen.errors import UsageError
 from streamgen.plan.classes import ClassSet
 
@@ -34,6 +34,8 @@ def check_cache_run(
         )
     if cfg.train.epochs is not None:
         cfg.train.max_steps = cfg.train.epochs * steps
+        if cfg.train.max_steps > MAX_STEPS:
+            raise UsageError(f"--train.epochs {cfg.train.epochs} x {steps} batches an epoch is beyond any run")
     meta = {**meta, "source": "cache", "images": spec.layout.images}
     if cfg.resume:
         check_cache_resume(cfg.resume, meta)
