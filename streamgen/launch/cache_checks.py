@@ -24,7 +24,7 @@ def check_cache_run(
 ) -> tuple[CacheSpec, int, dict[str, Any]]:
     """(the checked cache, batches per rank per epoch, the run meta a checkpoint must match)."""
     spec = check_cache(cfg, classes.fingerprint(), counts, len(classes))
-    check_cache_shards(spec, len(classes))
+    check_cache_shards(spec, len(classes), cfg.cache.verify)
     batch = cfg.stream.batch_size
     steps = steps_per_epoch(spec.layout.images, world, batch)
     if steps < 1:
@@ -42,11 +42,13 @@ def check_cache_run(
     return spec, steps, meta
 
 
-def check_cache_shards(spec: CacheSpec, classes: int) -> None:
-    """The shards already on disk are the ones their build wrote (sizes, labels, sha256): a run
-    never trains on a corrupted cache (`CacheDamaged`, one line, names the shard)."""
+def check_cache_shards(spec: CacheSpec, classes: int, verify: bool = True) -> None:
+    """The shards already on disk are the ones their build wrote (sizes, labels, and with
+    ``verify`` their sha256): a run never trains on a corrupted cache (`CacheDamaged`, one line,
+    names the shard)."""
     layout = spec.layout
-    check_shards(layout, recorded_sha256(layout.dir), classes, None if spec.complete else layout.present())
+    sha256 = recorded_sha256(layout.dir) if verify else {}
+    check_shards(layout, sha256, classes, None if spec.complete else layout.present())
 
 
 def check_cache_resume(path: str, meta: dict[str, Any]) -> None:

@@ -288,3 +288,18 @@ def test_the_shard_check_costs_about_a_second_per_gigabyte(tmp_path):
     rate = 64 / (time.monotonic() - started)
     print(f"sha256: {rate:.0f} MiB/s on one core")
     assert rate > 50
+
+
+def test_verify_false_skips_the_digests_but_not_the_labels(tmp_path, built):
+    from streamgen.config import parse_config
+    from streamgen.launch.checks import prepare
+
+    folder = copy_cache(built, tmp_path / "cache")
+    shard = folder / "shard-000002.bin"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF  # a pixel: only the sha256 sees it
+    shard.write_bytes(bytes(data))
+    args = ["--source", "cache", *cache_args(folder), "--out", str(tmp_path / "runs")]
+    assert prepare(parse_config([*args, "--cache.verify", "false"])).cache.complete
+    with pytest.raises(UsageError, match="shard-000002.bin differs"):
+        prepare(parse_config(args))
