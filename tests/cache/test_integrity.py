@@ -303,3 +303,23 @@ def test_verify_false_skips_the_digests_but_not_the_labels(tmp_path, built):
     assert prepare(parse_config([*args, "--cache.verify", "false"])).cache.complete
     with pytest.raises(UsageError, match="shard-000002.bin differs"):
         prepare(parse_config(args))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_builds_started_together_into_one_folder_both_succeed(tmp_path, built):
+    """The issue's race: two `cache build` at once into one --cache.dir. One builds, the other
+    waits on the folder's lock (naming the holder), then finds the cache finished."""
+    import subprocess
+
+    from conftest import PYTHON
+
+    folder = tmp_path / "cache"
+    cmd = [PYTHON, "-m", "streamgen.cache", "build", *cache_args(folder)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errs = [p.communicate(timeout=350)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert sum("is being built by pid" in e for e in errs) <= 1 and not any("Traceback" in e for e in errs)
+    assert [(folder / p.name).read_bytes() == p.read_bytes() for p in sorted(built.glob("shard-*"))] == [True] * 3
+    assert not list(folder.glob(".*.tmp"))
