@@ -16,6 +16,12 @@ the folder (no new shard, no progress record: builders record every few seconds)
 ``dist.timeout`` seconds, or that the launchers' `NodeGroup` reports lost, stops the build on
 the others with one line (`CacheBuildFailed`); the shards made so far are kept.
 
+One builder at a time per folder (per node when several build): `folder_lock` takes an
+``fcntl.flock`` on ``.build.lock``; a second build names the holder and waits, then finds the
+shards made. A full disk (ENOSPC) ends the build with one line (`CacheBuildFailed`): finished
+shards are kept, the open ones' temporary files removed, ``progress.json`` keeps its last
+complete version.
+
 Device-seconds: generator devices x wall time of each build session, summed over sessions and
 nodes (a killed build keeps what it recorded at its last finished shard).
 """

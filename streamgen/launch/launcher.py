@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import sys
 import time
@@ -37,7 +36,7 @@ from streamgen.cache.build import CacheBuildFailed
 from streamgen.config import parse_config, to_dict
 from streamgen.errors import EXIT_USAGE, UsageError
 from streamgen.launch.checks import Job, prepare
-from streamgen.launch.nodes import NodeGroup, ddp_client_env, dist_secret, printable, serve_store
+from streamgen.launch.nodes import NodeGroup, ddp_client_env, dist_secret, serve_store
 from streamgen.launch.rank import STOP_REASON, TrainerSpec, trainer_main
 from streamgen.stream.control import StopControl
 from streamgen.stream.heartbeat import Heartbeats, TrainerStalled, TrainerWatch
@@ -94,10 +93,7 @@ def _run_dir(job: Job, group: NodeGroup | None) -> Path:
         return make_run_dir(job.cfg.out, job.cfg.name)
     if group.node_rank == 0:
         return Path(group.share("run_dir", str(make_run_dir(job.cfg.out, job.cfg.name))))
-    run_dir = Path(group.share("run_dir"))
-    base = Path(job.cfg.out) / job.cfg.name
-    if run_dir.parent != base or not re.fullmatch(r"version_\d+", run_dir.name):  # never a folder elsewhere
-        raise CacheBuildFailed(f"node 0 named the run folder {printable(str(run_dir))!r}, not one in {base}")
+    run_dir = Path(group.share("run_dir"))  # authenticated: only a node of this run names it
     run_dir.mkdir(parents=True, exist_ok=True)  # a node-local disk: the same layout there
     return run_dir
 

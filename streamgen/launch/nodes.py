@@ -297,8 +297,8 @@ class NodeGroup:
     def _put(self, name: str, payload: str, store=None, key: bytes | None = None) -> None:
         (store or self.store).set(name, self._sign(name, payload, key))
 
-    def _open(self, name: str, raw: bytes, key: bytes | None = None) -> str | None:
-        """The payload of a message, or None (said once, escaped) if it fails the check."""
+    def _open(self, name: str, raw: bytes, key: bytes | None = None, quiet: bool = False) -> str | None:
+        """The payload of a message, or None (said once, escaped, unless ``quiet``) if it fails the check."""
         try:
             message = json.loads(raw)
             payload, mac = message["v"], message["mac"]
@@ -307,7 +307,7 @@ class NodeGroup:
                 return payload
         except (ValueError, TypeError, KeyError):
             pass
-        if name not in self._forged:
+        if name not in self._forged and not quiet:
             self._forged.add(name)
             text = printable(raw.decode("utf-8", "replace"), 80)
             _log(f"ignored a message under {name!r} that fails authentication (not from a node of this run): {text}")
@@ -361,7 +361,6 @@ class NodeGroup:
             nonce = theirs["nonce"] if peer == 0 else nonce
             key = first_difference(mine, theirs["config"])
             if key is not None:
-                self._put(f"failed/{self.node_rank}", "its config differs", key=self._config_key)
                 self.store.set(f"checked/{self.node_rank}", "1")
                 self._linger(peer)
                 raise UsageError(
@@ -403,7 +402,7 @@ class NodeGroup:
                     else "; is train.py running there with the same --dist flags?"
                 )
                 raise UsageError(f"{what} within {self.timeout:.0f} s{hint}") from None
-            payload = self._open(name, raw, key=self._config_key)
+            payload = self._open(name, raw, key=self._config_key, quiet=True)  # the error below says it
             if payload is not None:
                 return payload
             forged = True
