@@ -305,7 +305,7 @@ def test_verify_false_skips_the_digests_but_not_the_labels(tmp_path, built):
         prepare(parse_config(args))
 
 
-@pytest.mark.slow
+@pytest.mark.long  # two builds in processes; the lock itself: test_a_second_build_into_the_same_folder_waits...
 @pytest.mark.timeout(400)
 def test_two_builds_started_together_into_one_folder_both_succeed(tmp_path, built):
     """The issue's race: two `cache build` at once into one --cache.dir. One builds, the other

@@ -160,6 +160,7 @@ def _gather_rank(rank: int, store_path: str, out) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.long  # two spawned ranks; the 2-rank cache and 2-node runs exercise the same gather end to end
 @pytest.mark.timeout(180)
 def test_positions_are_gathered_by_tensor_collectives_as_json(tmp_path):
     """Every rank gets every rank's position, through all_gather of JSON bytes (never pickle)."""
