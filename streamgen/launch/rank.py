@@ -77,8 +77,11 @@ def trainer_main(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> 
         if spec.job.world == 1 or not _lost_peer(e):
             raise
         # Another rank stopped or failed first (it said why); this one's collective broke.
-        print(f"streamgen: trainer rank {spec.rank} stopped: another rank left the group", file=sys.stderr)
-        raise SystemExit(1) from None
+        print(f"streamgen: trainer rank {spec.rank} stopped: another rank left the group", file=sys.stderr, flush=True)
+        # At once: a normal exit tears the broken process group down, which waits seconds on the
+        # lost peer; nothing is left to save (checkpoints are written atomically, the audit
+        # trail line-buffered), and the launcher's stop is then bounded by --dist.timeout.
+        os._exit(1)
 
 
 def _fit(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> None:
