@@ -67,7 +67,14 @@ class Job:
     def source_spec(self) -> SourceSpec:
         """What a trainer rank's source needs (`streamgen.train.source.make_datamodule`)."""
         layout = self.cache.layout if self.cache is not None else None
-        return SourceSpec(self.cfg, self.world, self.run_meta, pin=self.accelerator == "gpu", cache_layout=layout)
+        return SourceSpec(
+            self.cfg,
+            self.world,
+            self.run_meta,
+            pin=self.accelerator == "gpu",
+            cache_layout=layout,
+            classes=len(self.plan.classes),
+        )
 
 
 def cuda_device_count() -> int:

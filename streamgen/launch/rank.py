@@ -56,6 +56,7 @@ def trainer_main(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> 
     for name in outer:  # torchrun's / SLURM's view of the launcher, not of this rank
         del os.environ[name]
     os.environ.update(spec.env)
+    from streamgen.cache.layout import CacheDamaged
     from streamgen.train.checkpoint import CheckpointWriteError
     from streamgen.train.stream_data import StopRequested
 
@@ -70,7 +71,7 @@ def trainer_main(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> 
         raise SystemExit(1) from None
     except StopRequested:
         pass  # stopped before its first step: nothing to save
-    except CheckpointWriteError as e:
+    except (CheckpointWriteError, CacheDamaged) as e:  # a shard damaged since the launcher checked it
         print(f"\nstreamgen: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except Exception as e:

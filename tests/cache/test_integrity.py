@@ -323,3 +323,19 @@ def test_two_builds_started_together_into_one_folder_both_succeed(tmp_path, buil
     assert sum("is being built by pid" in e for e in errs) <= 1 and not any("Traceback" in e for e in errs)
     assert [(folder / p.name).read_bytes() == p.read_bytes() for p in sorted(built.glob("shard-*"))] == [True] * 3
     assert not list(folder.glob(".*.tmp"))
+
+
+def test_a_trainers_cache_source_range_checks_labels_when_it_opens_the_shards(tmp_path, built):
+    """A shard damaged after the launcher's check: the rank's source names it (one line), no IndexError."""
+    from streamgen.cache.layout import CacheDamaged, manifest_layout
+    from streamgen.train.cache_data import CacheDataModule
+
+    folder = copy_cache(built, tmp_path / "cache")
+    shard = folder / "shard-000000.bin"
+    data = bytearray(shard.read_bytes())
+    data[32 * 3 * 32 * 32] = 77  # the first label: 77 of 10 classes
+    shard.write_bytes(bytes(data))
+    layout = manifest_layout(folder, read_manifest(folder))
+    dm = CacheDataModule(layout, 0, 8, rank=0, world=1, run_meta={}, crop=8, classes=10)
+    with pytest.raises(CacheDamaged, match="shard-000000.bin holds a label outside 0..9"):
+        dm.reader()
