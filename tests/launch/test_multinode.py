@@ -9,6 +9,7 @@ import torch
 from conftest import read_consumed, read_scalars
 
 FAST = ("--model", "fake", "--train.log_every", "2")
+SECRET = {"STREAMGEN_DIST_SECRET": "a secret the nodes of the test share"}
 
 
 def free_port_pair() -> int:
@@ -32,7 +33,7 @@ def start_nodes(train_run, nodes: int, *args: str, port: int | None = None, extr
     for rank in range(nodes):
         flags = ["--dist.nodes", str(nodes), "--dist.node_rank", str(rank)]
         flags += ["--dist.master_addr", "127.0.0.1", "--dist.master_port", str(port)]
-        runs.append(train_run(*FAST, *flags, *args, *(extra or {}).get(rank, ())))
+        runs.append(train_run(*FAST, *flags, *args, *(extra or {}).get(rank, ()), env=SECRET))
     return runs
 
 
@@ -97,6 +98,9 @@ def test_nodes_with_different_configs_are_refused_before_training(train_run, tmp
     for node in nodes:
         assert node.wait(120) == 2, node.output[-2000:]
     assert "train.lr is 0.2 there and 0.1 here" in nodes[0].output
+    assert "train.lr is 0.1 there and 0.2 here" in nodes[1].output  # node 1 says the true reason ...
+    assert "did not join" not in nodes[1].output and "c10d" not in nodes[1].output  # ... in one line
+    assert len(nodes[1].output.strip().splitlines()) <= 2, nodes[1].output  # "joining node 0", the reason
     assert not (tmp_path / "runs").exists()
 
 
