@@ -1,6 +1,7 @@
 """The one place where a trainer rank's source is chosen: ``--source stream`` or ``cache``.
 
-Both are a `streamgen.train.source.SourceDataModule`; the launcher hands what they need as a
+Both are a `streamgen.train.source.SourceDataModule`; a stream with ``--stream.reuse`` other than 1
+goes through a replay buffer (`streamgen.train.stream_data.ReplayDataModule`); the launcher hands what they need as a
 `SourceSpec` of plain values.
 """
 
@@ -14,8 +15,9 @@ from typing import Any
 from streamgen.cache.layout import Layout
 from streamgen.config import RunConfig
 from streamgen.train.cache_data import CacheDataModule
+from streamgen.train.replay import ReplaySettings
 from streamgen.train.source import SourceDataModule
-from streamgen.train.stream_data import StreamDataModule
+from streamgen.train.stream_data import ReplayDataModule, StreamDataModule
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class SourceSpec:
     run_meta: dict[str, Any]  # what a checkpoint must match to be resumed
     pin: bool = False  # page-locked cache batches (a GPU trainer): the device copy is asynchronous
     cache_layout: Layout | None = None  # --source cache: the checked cache
+    replay: ReplaySettings | None = None  # --stream.reuse K > 1 or auto: the rank's replay buffer
 
 
 def make_datamodule(
@@ -56,5 +59,14 @@ def make_datamodule(
     if cfg.source == "cache":
         return CacheDataModule(
             spec.cache_layout, seed=cfg.seed, batch_size=cfg.stream.batch_size, pin=spec.pin, **common
+        )
+    if spec.replay is not None:
+        return ReplayDataModule(
+            queue,
+            spec.replay,
+            Path(run_dir) / "checkpoints" / "replay",
+            order=cfg.stream.order,
+            stop_requested=stop_requested,
+            **common,
         )
     return StreamDataModule(queue, order=cfg.stream.order, stop_requested=stop_requested, **common)
