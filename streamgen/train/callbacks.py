@@ -35,7 +35,7 @@ the train, stream and val cards at the top of the page. The **Custom Scalars** p
 curated overview, in the order train, stream, val, probe, compute, devices.
 
 The terminal (`StepProgressBar`): one bar in global steps with loss, top-1, images/s, wait
-fraction and ETA on a terminal; when stdout is not a terminal (SLURM, nohup, a pipe), one
+fraction, ETA (and, with a replay buffer, ``uses=``: images seen per unique image) on a terminal; when stdout is not a terminal (SLURM, nohup, a pipe), one
 plain timestamped ``key=value`` line every ``log_every`` steps instead, never a carriage return.
 """
 
@@ -561,9 +561,13 @@ class StepProgressBar(ProgressBar):
 
     def _postfix(self, trainer: L.Trainer) -> str:
         f = self._figures(trainer)
+        compute = next((c for c in trainer.callbacks if hasattr(c, "total_gpu_hours")), None)
+        uses = ""
+        if compute is not None and getattr(compute, "fresh_seen", None) is not None:  # a replay buffer
+            uses = f" uses={float(compute.mean_uses):.2f}"
         return (
             f"loss={f['loss']:.3f} top1={f['top1']:.3f} img/s={f['train_img_s']:.0f} "
-            f"(gen {f['gen_img_s']:.0f}) wait={f['wait']:.0%}"
+            f"(gen {f['gen_img_s']:.0f}) wait={f['wait']:.0%}{uses}"
         )
 
     def _line(self, trainer: L.Trainer, step: int) -> None:
@@ -583,6 +587,8 @@ class StepProgressBar(ProgressBar):
         compute = next((c for c in trainer.callbacks if hasattr(c, "total_gpu_hours")), None)
         if compute is not None:
             fields.append(f"gpu_hours={float(compute.total_gpu_hours):.4f}")
+        if compute is not None and getattr(compute, "fresh_seen", None) is not None:  # a replay buffer
+            fields.append(f"uses={float(compute.mean_uses):.2f}")
         print(stamp, " ".join(fields), file=self.stream, flush=True)
         self._last_line_step = step
 

@@ -126,7 +126,9 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return int(self.occupied.sum())
 
-    def add(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, uses_left: int, evict: bool) -> torch.Tensor:
+    def add(
+        self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, uses_left: int, evict: bool
+    ) -> torch.Tensor:
         """Store a unit (waiting for its fresh use); returns the entries it took, in unit order.
 
         Free entries are taken first (lowest index first); with ``evict``, the oldest samples
@@ -274,7 +276,9 @@ class AutoSchedule:
             return Draw(fresh, len(fresh))
         candidates = buffer.replayable()
         if int(candidates.sum()) < self.batch:
-            raise RuntimeError(f"step {step}: the buffer holds {int(candidates.sum())} samples, a batch needs {self.batch}")
+            raise RuntimeError(
+                f"step {step}: the buffer holds {int(candidates.sum())} samples, a batch needs {self.batch}"
+            )
         g = torch.Generator().manual_seed(step_seed(self.seed, self.rank, step))
         noise = torch.rand(buffer.capacity, generator=g, dtype=torch.float64)
         chosen = torch.topk(torch.where(candidates, noise, -math.inf), self.batch).indices

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ from streamgen.stream.queue import SlotQueue
 from streamgen.train.checkpoint import atomic_save
 from streamgen.train.replay import (
     STATE_FORMAT as REPLAY_FORMAT,
+)
+from streamgen.train.replay import (
     UNLIMITED,
     AutoSchedule,
     ReplayBuffer,
@@ -144,6 +147,97 @@ class ReplayStream(QueueStream):
             step += 1
 
 
+class _StopWaiting(Exception):
+    pass
+
+
+class StopRequested(RuntimeError):
+    """A stop was requested before this rank trained a single step."""
+
+
+class StreamDataModule(SourceDataModule):
+    """One rank's queue as a source; the hand-off (augmentation, preview, audit) is the base's."""
+
+    shares_memory = True  # on a CPU, batches are views of queue slots that generators reuse
+
+    def __init__(
+        self,
+        queue: SlotQueue,
+        rank: int,
+        world: int,
+        run_meta: dict[str, Any],
+        crop: int,
+        order: str = "increasing",
+        stop_requested: Callable[[], bool] | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(rank, world, run_meta, crop, **kw)
+        self.queue, self.order, self.stop_requested = queue, order, stop_requested
+        self.cursor = UnitCursor(rank, world)
+        self.stream: QueueStream | None = None  # its wait_seconds: the trainer's starvation
+        self._in_flight: list[tuple[int, torch.cuda.Event]] = []
+
+    def _expected_units(self) -> Iterator[int]:
+        """This rank's units not yet consumed, in increasing order (read when iteration starts,
+        so after a resumed checkpoint has restored the cursor)."""
+        return (rank_unit(self.rank, self.world, k) for k in self.cursor.pending())
+
+    def setup(self, stage: str) -> None:
+        # Page-lock the slots in this process too (registration is per process), so that
+        # Lightning's non-blocking copy of each batch to the GPU really is asynchronous.
+        if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
+            self.queue.pin_memory()
+
+    def train_dataloader(self) -> DataLoader:
+        # batch_size=None: the queue already yields whole batches; no workers: the slots
+        # live in this process's memory map.
+        self.stream = QueueStream(self.queue, self._expected_units if self.order == "increasing" else None)
+        self.stream.stop_requested = self.stop_requested
+        return DataLoader(self.stream, batch_size=None, num_workers=0)
+
+    def is_train_batch(self, batch: Any) -> bool:
+        return isinstance(batch, dict) and "slot" in batch
+
+    def _after_hand_off(self, batch: dict[str, Any], device: torch.device) -> None:
+        self._release_when_copied(batch["slot"], device)
+
+    def _release_when_copied(self, slot: int, device: torch.device) -> None:
+        if device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._in_flight.append((slot, event))
+        else:
+            self.queue.release(slot)
+        still = []
+        for s, e in self._in_flight:
+            if e.query():
+                self.queue.release(s)
+            else:
+                still.append((s, e))
+        self._in_flight = still
+
+    def _mark_consumed(self, batch: dict[str, Any]) -> None:
+        unit = batch["unit"]
+        self.cursor.mark((unit - self.rank) // self.world)
+        self._audit(f"{self.trainer.global_step}\t{unit}")
+
+    def teardown(self, stage: str) -> None:
+        for slot, event in self._in_flight:
+            event.synchronize()
+            self.queue.release(slot)
+        self._in_flight = []
+        super().teardown(stage)
+
+    # -- the stream position in checkpoints ---------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        cursors = self.gather_positions(self.cursor.state_dict())
+        return {"format": STATE_FORMAT, **self.run_meta, "cursors": cursors}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursor = UnitCursor.from_state_dict(self.own_position(state["cursors"], "stream position"))
+
+
 class ReplayDataModule(StreamDataModule):
     """One rank's queue through a replay buffer (``--stream.reuse K`` or ``auto``).
 
@@ -250,7 +344,14 @@ class ReplayDataModule(StreamDataModule):
             atomic_save(state, self.sidecar_dir / name)
             self._saved_step = step
             self._prune_sidecars()
-        return {"reuse": self.replay.label, "step": step, "sidecar": name, "fresh_images": self.fresh_images}
+        return {
+            "reuse": self.replay.label,
+            "buffer": self.replay.capacity,
+            "max_steps": self.replay.max_steps,
+            "step": step,
+            "sidecar": name,
+            "fresh_images": self.fresh_images,
+        }
 
     def _prune_sidecars(self) -> None:
         """Keep the sidecars of the most recent steps (as many as the checkpoints kept, and last.ckpt's)."""
@@ -286,97 +387,6 @@ class ReplayDataModule(StreamDataModule):
             raise RuntimeError("the checkpoint holds no replay buffer (a run with --stream.reuse 1)")
         self._restore = own["replay"]
         self._apply_restore()
-
-
-class _StopWaiting(Exception):
-    pass
-
-
-class StopRequested(RuntimeError):
-    """A stop was requested before this rank trained a single step."""
-
-
-class StreamDataModule(SourceDataModule):
-    """One rank's queue as a source; the hand-off (augmentation, preview, audit) is the base's."""
-
-    shares_memory = True  # on a CPU, batches are views of queue slots that generators reuse
-
-    def __init__(
-        self,
-        queue: SlotQueue,
-        rank: int,
-        world: int,
-        run_meta: dict[str, Any],
-        crop: int,
-        order: str = "increasing",
-        stop_requested: Callable[[], bool] | None = None,
-        **kw: Any,
-    ) -> None:
-        super().__init__(rank, world, run_meta, crop, **kw)
-        self.queue, self.order, self.stop_requested = queue, order, stop_requested
-        self.cursor = UnitCursor(rank, world)
-        self.stream: QueueStream | None = None  # its wait_seconds: the trainer's starvation
-        self._in_flight: list[tuple[int, torch.cuda.Event]] = []
-
-    def _expected_units(self) -> Iterator[int]:
-        """This rank's units not yet consumed, in increasing order (read when iteration starts,
-        so after a resumed checkpoint has restored the cursor)."""
-        return (rank_unit(self.rank, self.world, k) for k in self.cursor.pending())
-
-    def setup(self, stage: str) -> None:
-        # Page-lock the slots in this process too (registration is per process), so that
-        # Lightning's non-blocking copy of each batch to the GPU really is asynchronous.
-        if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
-            self.queue.pin_memory()
-
-    def train_dataloader(self) -> DataLoader:
-        # batch_size=None: the queue already yields whole batches; no workers: the slots
-        # live in this process's memory map.
-        self.stream = QueueStream(self.queue, self._expected_units if self.order == "increasing" else None)
-        self.stream.stop_requested = self.stop_requested
-        return DataLoader(self.stream, batch_size=None, num_workers=0)
-
-    def is_train_batch(self, batch: Any) -> bool:
-        return isinstance(batch, dict) and "slot" in batch
-
-    def _after_hand_off(self, batch: dict[str, Any], device: torch.device) -> None:
-        self._release_when_copied(batch["slot"], device)
-
-    def _release_when_copied(self, slot: int, device: torch.device) -> None:
-        if device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-            self._in_flight.append((slot, event))
-        else:
-            self.queue.release(slot)
-        still = []
-        for s, e in self._in_flight:
-            if e.query():
-                self.queue.release(s)
-            else:
-                still.append((s, e))
-        self._in_flight = still
-
-    def _mark_consumed(self, batch: dict[str, Any]) -> None:
-        unit = batch["unit"]
-        self.cursor.mark((unit - self.rank) // self.world)
-        self._audit(f"{self.trainer.global_step}\t{unit}")
-
-    def teardown(self, stage: str) -> None:
-        for slot, event in self._in_flight:
-            event.synchronize()
-            self.queue.release(slot)
-        self._in_flight = []
-        super().teardown(stage)
-
-    # -- the stream position in checkpoints ---------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        cursors = self.gather_positions(self.cursor.state_dict())
-        return {"format": STATE_FORMAT, **self.run_meta, "cursors": cursors}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.cursor = UnitCursor.from_state_dict(self.own_position(state["cursors"], "stream position"))
 
 
 def stream_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:

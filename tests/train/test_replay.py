@@ -1,0 +1,311 @@
+"""The replay buffer (--stream.reuse K / auto): schedules, buffer, hand-off, sidecars, and end to end."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import read_scalars
+
+from streamgen.config import RunConfig, apply, validate
+from streamgen.errors import UsageError
+from streamgen.stream.queue import FREE, Doorbell, SlotQueue
+from streamgen.train.replay import (
+    AutoSchedule,
+    ReplayBuffer,
+    ReplaySettings,
+    ReuseSchedule,
+    id_ranges,
+    parse_ranges,
+    read_audit,
+    uses_per_id,
+)
+from streamgen.train.stream_data import NO_UNIT, ReplayDataModule, StreamDataModule
+
+META = {"classes": "abc", "class_spec": "x", "seed": 0, "unit_size": 4, "world": 1}
+
+
+def simulate(batch: int, reuse: int, steps: int, capacity: int, seed: int = 0, rank: int = 0):
+    """The schedule alone over a run, units arriving when asked: (ids per step, fresh per step, peak size)."""
+    schedule = ReuseSchedule(batch, reuse, steps, capacity, seed, rank)
+    buffer = ReplayBuffer(capacity, 2)
+    unit, batches, fresh, peak = 0, [], [], 0
+    for step in range(steps):
+        if schedule.needs_unit(step):
+            ids = torch.arange(unit * batch, (unit + 1) * batch)
+            buffer.add(torch.zeros(batch, 3, 2, 2, dtype=torch.uint8), ids % 7, ids, reuse, evict=False)
+            unit += 1
+        draw = schedule.draw(buffer, step)
+        taken = buffer.take(draw.slots)
+        batches.append(taken["id"].tolist())
+        fresh.append(taken["id"][: draw.fresh].tolist())
+        peak = max(peak, len(buffer))
+    return batches, fresh, peak
+
+
+@pytest.mark.parametrize(
+    "batch,reuse,steps,capacity",
+    [(8, 4, 50, 44), (8, 4, 52, 200), (8, 3, 30, 100), (4, 16, 64, 400), (5, 3, 9, 40), (16, 2, 40, 1000)],
+)
+def test_reuse_k_uses_every_id_exactly_k_times_once_fresh_within_the_buffer(batch, reuse, steps, capacity):
+    batches, fresh, peak = simulate(batch, reuse, steps, capacity)
+    assert all(len(b) == batch and len(set(b)) == batch for b in batches)  # full batches, no id twice in one
+    uses = {}
+    for b in batches:
+        for i in b:
+            uses[i] = uses.get(i, 0) + 1
+    assert set(uses.values()) == {reuse}  # exactly K uses, every id
+    assert len(uses) == steps * batch // reuse  # the unique images a run of S steps buys
+    flat_fresh = [i for f in fresh for i in f]
+    assert flat_fresh == sorted(uses)  # each id fresh once, in arrival order, before any replay of it
+    first_use = {}
+    for step, b in enumerate(batches):
+        for i in b:
+            first_use.setdefault(i, step)
+    assert all(first_use[i] == step for step, f in enumerate(fresh) for i in f)
+    assert peak <= capacity  # never evicts: the buffer holds every sample with uses left
+
+
+def test_reuse_k_steady_phase_takes_one_kth_fresh():
+    schedule = ReuseSchedule(256, 4, 1000, 256 * 3 * 4 + 600, 0, 0)
+    middle = [schedule.fresh_at(t) for t in range(schedule.ramp, schedule.drain_start)]
+    assert set(middle) == {64} and schedule.fresh_before(1000) == 1000 * 256 // 4
+
+
+def test_draws_are_deterministic_per_seed_and_rank():
+    a, _, _ = simulate(8, 4, 40, 120, seed=1)
+    assert a == simulate(8, 4, 40, 120, seed=1)[0]
+    assert a != simulate(8, 4, 40, 120, seed=2)[0]
+    assert a != simulate(8, 4, 40, 120, seed=1, rank=1)[0]
+
+
+def test_a_full_buffer_evicts_the_oldest_first():
+    buffer = ReplayBuffer(8, 2)
+    for unit in range(3):
+        ids = torch.arange(unit * 4, unit * 4 + 4)
+        slots = buffer.add(torch.full((4, 3, 2, 2), unit, dtype=torch.uint8), ids, ids, 10**6, evict=True)
+        buffer.take(slots)
+    assert sorted(buffer.ids[buffer.occupied].tolist()) == list(range(4, 12))  # unit 0 left first
+    buffer.add(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.arange(4), torch.arange(12, 16), 1, evict=True)
+    assert sorted(buffer.ids[buffer.occupied].tolist()) == list(range(8, 16))
+    with pytest.raises(RuntimeError, match="full"):  # reuse K never evicts: a sample would lose uses
+        buffer.add(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.arange(4), torch.arange(16, 20), 1, evict=False)
+
+
+def test_auto_replays_a_uniform_batch_of_distinct_used_samples():
+    buffer, schedule = ReplayBuffer(16, 2), AutoSchedule(4, 0, 0)
+    for unit in range(3):
+        ids = torch.arange(unit * 4, unit * 4 + 4)
+        buffer.add(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), ids, ids, 10**6, evict=True)
+        draw = schedule.draw(buffer, unit, fresh_unit=True)
+        assert buffer.ids[draw.slots].tolist() == ids.tolist() and draw.fresh == 4  # the unit as it came
+        buffer.take(draw.slots)
+    draw = schedule.draw(buffer, 3, fresh_unit=False)
+    assert draw.fresh == 0 and len(set(buffer.ids[draw.slots].tolist())) == 4
+    assert draw.slots.tolist() == schedule.draw(buffer, 3, fresh_unit=False).slots.tolist()
+
+
+def test_id_ranges_round_trip():
+    assert id_ranges([7, 1, 2, 3]) == "1-3,7" and id_ranges([]) == "-"
+    assert parse_ranges("1-3,7") == [1, 2, 3, 7] and parse_ranges("-") == []
+
+
+# -- the data module ---------------------------------------------------------------------------
+
+
+def make_queue(slots: int = 4) -> SlotQueue:
+    return SlotQueue(slots, 4, 8, Doorbell())
+
+
+def fill(q: SlotQueue, unit: int) -> None:
+    slot = q.claim(0, unit)
+    v = q.view(slot)
+    v.images.fill_(unit % 256)
+    v.labels.fill_(unit % 10)
+    v.ids.copy_(torch.arange(unit * 4, unit * 4 + 4))
+    q.commit(slot)
+
+
+def replay_module(q, tmp_path: Path, settings: ReplaySettings, log: str = "consumed.tsv") -> ReplayDataModule:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    dm = ReplayDataModule(
+        q,
+        settings,
+        tmp_path / "checkpoints" / "replay",
+        rank=0,
+        world=1,
+        run_meta=META,
+        crop=8,
+        consumed_log=tmp_path / log,
+    )
+    dm.trainer = SimpleNamespace(global_step=0, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    dm.setup("fit")
+    return dm
+
+
+def train(dm: ReplayDataModule, q: SlotQueue, steps: range, made: list[int], limit: int = 10**9):
+    """Run the hand-off for ``steps`` as Lightning would (one item per step), feeding the queue."""
+    items = iter(dm.train_dataloader().dataset)
+    out = []
+    for step in steps:
+        while q.count(FREE) and made[0] < limit:
+            fill(q, made[0])
+            made[0] += 1
+        dm.trainer.global_step = step
+        batch = dm.on_after_batch_transfer(next(items), 0)
+        out.append((batch["id"].tolist(), batch["label"].tolist(), batch["fresh"]))
+    return out
+
+
+def test_hand_off_composes_batches_and_writes_the_audit_trail(tmp_path):
+    q = make_queue()
+    dm = replay_module(q, tmp_path, ReplaySettings(reuse=3, capacity=40, max_steps=12, seed=0))
+    out = train(dm, q, range(12), [0])
+    dm.teardown("fit")
+    rows = read_audit(tmp_path / "consumed.tsv")
+    assert [r[0] for r in rows] == list(range(12))
+    assert [ids for ids, _, _ in out] == [r[2] + [i for i in ids if i not in r[2]] for r, (ids, _, _) in zip(rows, out)]
+    assert all(label == [i // 4 % 10 for i in ids] for ids, label, _ in out)  # labels follow their images
+    assert set(uses_per_id(rows).values()) == {3} and dm.fresh_images == 16
+    assert [r[1] for r in rows if r[1] is not None] == [0, 1, 2, 3]  # each unit arrived once, in order
+    assert dm.cursor.below == 4
+
+
+def test_a_resumed_module_continues_exactly_as_the_uninterrupted_one(tmp_path):
+    settings = ReplaySettings(reuse=4, capacity=60, max_steps=24, seed=3)
+    q = make_queue()
+    whole = train(replay_module(q, tmp_path / "a", settings), q, range(24), [0])
+
+    q = make_queue()
+    made = [0]
+    first = replay_module(q, tmp_path / "b", settings)
+    before = train(first, q, range(10), made)
+    first.trainer.global_step = 10  # after step 9: what a checkpoint at step 10 holds
+    state = first.state_dict()
+    assert (tmp_path / "b" / "checkpoints" / "replay" / "step10-rank0.pt").is_file()
+
+    q = make_queue()  # a new launcher: units not consumed are made again
+    resumed = ReplayDataModule(
+        q,
+        ReplaySettings(reuse=4, capacity=60, max_steps=24, seed=3, resume_dir=str(tmp_path / "b" / "checkpoints")),
+        tmp_path / "c" / "checkpoints" / "replay",
+        rank=0,
+        world=1,
+        run_meta=META,
+        crop=8,
+    )
+    resumed.trainer = SimpleNamespace(global_step=10, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    resumed.setup("fit")
+    resumed.load_state_dict(state)
+    made = [resumed.cursor.below]
+    after = train(resumed, q, range(10, 24), made)
+    assert before + after == whole
+
+
+def test_auto_trains_on_the_buffer_instead_of_waiting(tmp_path):
+    q = make_queue()
+    dm = replay_module(q, tmp_path, ReplaySettings(reuse=None, capacity=12, max_steps=100, seed=0))
+    fill(q, 0)
+    items = iter(dm.train_dataloader().dataset)
+    first = next(items)
+    assert first["unit"] == 0
+    dm.on_after_batch_transfer(first, 0)
+    started = time.perf_counter()
+    item = next(items)  # nothing in the queue: no wait, a buffer batch
+    assert item["slot"] == NO_UNIT and time.perf_counter() - started < 0.5
+    dm.trainer.global_step = 1
+    out = dm.on_after_batch_transfer(item, 0)
+    assert out["fresh"] == 0 and sorted(out["id"].tolist()) == [0, 1, 2, 3]
+    fill(q, 1)
+    item = next(items)
+    assert item["unit"] == 1  # a fresh unit, as soon as it is ready
+    dm.trainer.global_step = 2
+    assert dm.on_after_batch_transfer(item, 0)["id"].tolist() == [4, 5, 6, 7]
+    assert dm.stream.wait_seconds < 0.5
+
+
+def test_reuse_1_is_the_plain_stream(tmp_path):
+    from streamgen.launch.checks import Job
+
+    cfg = apply(RunConfig(), {"stream.reuse": "1"})
+    job = SimpleNamespace(cfg=cfg, replay_on_device=False)
+    assert Job.replay(job) is None  # make_datamodule then builds StreamDataModule itself
+    cfg = apply(RunConfig(), {"stream.reuse": "auto"})
+    assert Job.replay(SimpleNamespace(cfg=cfg, replay_on_device=False)).reuse is None
+    assert not issubclass(StreamDataModule, ReplayDataModule)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ({"stream.reuse": "0"}, "--stream.reuse must be a whole number >= 1 or auto"),
+        ({"stream.reuse": "often"}, "--stream.reuse must be a whole number >= 1 or auto"),
+        ({"stream.reuse": "auto", "stream.buffer": 100}, "--stream.buffer 100 is smaller than one batch"),
+        ({"stream.reuse": "4", "stream.buffer": 1000}, "raise it to at least 1284"),
+        ({"stream.reuse": "3", "train.max_steps": 100}, "use a max_steps that is a multiple of 3 (e.g. 99)"),
+        ({"stream.reuse": "auto", "source": "cache"}, "a cache run reuses its images by epochs"),
+    ],
+)
+def test_bad_replay_settings_are_one_line(flags, message):
+    with pytest.raises(UsageError, match="^" + ".*" + message.replace("(", r"\(").replace(")", r"\)")):
+        validate(apply(RunConfig(), flags))
+
+
+def test_resume_with_another_reuse_or_without_sidecars_is_refused(tmp_path):
+    from streamgen.launch.checks import check_resume_replay
+
+    ckpt = tmp_path / "checkpoints" / "step0000010.ckpt"
+    info = {"reuse": "4", "buffer": 8192, "max_steps": 100, "sidecar": "step10-rank0.pt"}
+    positions = [{"rank": 0, "replay": info}]
+    cfg = apply(RunConfig(), {"stream.reuse": "auto"})
+    with pytest.raises(UsageError, match="trained with --stream.reuse 4; resume with it"):
+        check_resume_replay(str(ckpt), cfg, positions)
+    with pytest.raises(UsageError, match="--stream.reuse 1; resume with it"):
+        check_resume_replay(str(ckpt), cfg, [{"rank": 0}])  # a plain stream's checkpoint
+    cfg = apply(RunConfig(), {"stream.reuse": "4", "stream.buffer": 8192, "train.max_steps": 100})
+    with pytest.raises(UsageError, match="replay buffer .*step10-rank0.pt is missing"):
+        check_resume_replay(str(ckpt), cfg, positions)
+    cfg = apply(RunConfig(), {"stream.reuse": "4", "stream.buffer": 8192, "train.max_steps": 200})
+    with pytest.raises(UsageError, match="resume with --train.max_steps 100"):
+        check_resume_replay(str(ckpt), cfg, positions)
+    (tmp_path / "checkpoints" / "replay").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "replay" / "step10-rank0.pt").write_bytes(b"x")
+    cfg = apply(RunConfig(), {"stream.reuse": "4", "stream.buffer": 8192, "train.max_steps": 100})
+    check_resume_replay(str(ckpt), cfg, positions)
+
+
+def test_a_buffer_larger_than_memory_is_refused_with_its_bytes(monkeypatch):
+    from streamgen.launch import checks
+
+    cfg = apply(RunConfig(), {"stream.reuse": "auto", "stream.buffer": 10**6})
+    monkeypatch.setattr(checks, "host_memory_available", lambda: 8 * 2**30)
+    with pytest.raises(UsageError, match=r"need 183\.\d\d GiB per rank .* lower --stream.buffer"):
+        checks.check_replay_memory(cfg, "cpu", 0)
+    monkeypatch.setattr(checks, "gpu_memory_bytes", lambda: 80 * 2**30)
+    small = apply(RunConfig(), {"stream.reuse": "auto", "stream.buffer": 8192})  # 1.5 GiB
+    assert checks.check_replay_memory(small, "gpu", 0) is True  # on the trainer's GPU
+    middle = apply(RunConfig(), {"stream.reuse": "auto", "stream.buffer": 8192 * 16})  # 24 GiB > 20 GiB
+    monkeypatch.setattr(checks, "host_memory_available", lambda: 256 * 2**30)
+    assert checks.check_replay_memory(middle, "gpu", 0) is False  # in host memory
+
+
+# -- the figures ---------------------------------------------------------------------------------
+
+
+def test_compute_monitor_counts_unique_images_and_fresh_fraction_from_the_ranks():
+    from streamgen.train.compute import ComputeMonitor
+
+    monitor = ComputeMonitor(1, 1, log_every=1)
+    monitor.stream = True
+    monitor.images_seen, monitor.fresh_seen = 400, 100
+    assert monitor.metrics()["data/mean_uses"] == 4.0
+    assert monitor.metrics()["stream/fresh_fraction"] == 0.25
+    monitor._window_start = (400, 100)
+    monitor.images_seen, monitor.fresh_seen = 500, 150
+    assert monitor.metrics()["stream/fresh_fraction"] == 0.5  # since the last point
