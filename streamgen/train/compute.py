@@ -265,7 +265,7 @@ class ComputeMonitor(L.Callback):
 
     def _count_fresh(self, trainer: L.Trainer) -> None:
         """Replay: the fresh samples of every rank (a collective: every rank calls it at the same steps)."""
-        mine = getattr(trainer.datamodule, "fresh_images", None) if trainer.datamodule is not None else None
+        mine = getattr(getattr(trainer, "datamodule", None), "fresh_images", None)
         if mine is None:
             return
         import torch

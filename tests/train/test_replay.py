@@ -309,3 +309,111 @@ def test_compute_monitor_counts_unique_images_and_fresh_fraction_from_the_ranks(
     monitor._window_start = (400, 100)
     monitor.images_seen, monitor.fresh_seen = 500, 150
     assert monitor.metrics()["stream/fresh_fraction"] == 0.5  # since the last point
+
+
+# -- end to end: train.py as a user runs it ------------------------------------------------------
+
+FAST = ("--model", "fake", "--generators", "1")
+
+
+def run_folder(tmp_path: Path, name: str, version: int = 0) -> Path:
+    return tmp_path / "runs" / name / f"version_{version}"
+
+
+def rank_audit(folder: Path, rank: int = 0):
+    return read_audit(folder / f"consumed-rank{rank}.tsv")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_reuse_k_end_to_end_exact_reproducible_and_ranks_disjoint(train_run, tmp_path):
+    args = (*FAST, "--trainers", "2", "--stream.reuse", "4", "--stream.buffer", "64", "--train.max_steps", "16")
+    args += ("--train.log_every", "4", "--train.checkpoint_every", "100")
+    first = train_run(*args, "--name", "a")
+    assert first.wait(420) == 0, first.output[-3000:]
+    second = train_run(*args, "--name", "b")
+    assert second.wait(420) == 0, second.output[-3000:]
+    ids_of_rank = []
+    for rank in (0, 1):
+        a, b = rank_audit(run_folder(tmp_path, "a"), rank), rank_audit(run_folder(tmp_path, "b"), rank)
+        assert a == b  # the same samples at the same steps, whatever the generator's timing
+        assert [row[0] for row in a] == list(range(16))
+        uses = uses_per_id(a)
+        assert set(uses.values()) == {4} and len(uses) == 16 * 8 // 4  # every id exactly 4 times
+        assert sorted(i for row in a for i in row[2]) == sorted(uses)  # each once fresh
+        ids_of_rank.append(set(uses))
+    assert not ids_of_rank[0] & ids_of_rank[1]  # two DDP ranks never share an id
+    scalars = read_scalars(run_folder(tmp_path, "a"))
+    assert scalars["data/images_seen"][-1] == (16, 16 * 8 * 2)
+    assert scalars["data/unique_images"][-1] == (16, 16 * 8 * 2 / 4)  # summed over ranks
+    assert scalars["data/mean_uses"][-1] == (16, 4.0)
+    assert " uses=4.00" in first.output  # the terminal shows the reuse
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_reuse_auto_with_a_slow_generator_never_waits_and_keeps_fresh_exactly_once(train_run, tmp_path):
+    run = train_run(
+        *FAST, "--stream.reuse", "auto", "--stream.buffer", "32", "--train.max_steps", "60",
+        "--train.log_every", "10", "--name", "auto",
+        env={"STREAMGEN_FAKE_DELAY": "0.5"},  # a unit of 8 takes 1 s: many trainer steps
+    )  # fmt: skip
+    assert run.wait(420) == 0, run.output[-3000:]
+    folder = run_folder(tmp_path, "auto")
+    rows = rank_audit(folder)
+    assert [row[0] for row in rows] == list(range(60))
+    units = [row[1] for row in rows if row[1] is not None]
+    fresh = [i for row in rows for i in row[2]]
+    assert len(units) == len(set(units)) and len(fresh) == len(set(fresh)) == 8 * len(units)  # once each
+    seen = set()
+    for _, _, f, replayed in rows:  # a replay only of what has arrived fresh, and in the buffer (32)
+        assert set(replayed) <= seen
+        seen |= set(f)
+    assert 1 <= len(units) < 40  # the generator was the bottleneck: most steps replayed
+    scalars = read_scalars(folder)
+    waits = [v for _, v in scalars["stream/trainer_wait_fraction"]]
+    assert max(waits) < 0.05, waits  # the trainer never waited on a non-empty buffer
+    assert scalars["data/unique_images"][-1][1] == len(fresh)
+    assert scalars["stream/fresh_fraction"][-1][1] < 1
+
+
+@pytest.mark.long  # the unit test test_a_resumed_module_continues_exactly_as_the_uninterrupted_one covers it
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_reuse_k_resumed_mid_run_equals_the_uninterrupted_run(train_run, tmp_path):
+    args = (*FAST, "--stream.reuse", "4", "--stream.buffer", "64", "--train.max_steps", "40")
+    args += ("--train.checkpoint_every", "10", "--train.log_every", "5")
+    whole = train_run(*args, "--name", "whole")
+    assert whole.wait(300) == 0, whole.output[-2000:]
+    expected = rank_audit(run_folder(tmp_path, "whole"))
+    first = train_run(*args, "--name", "halves")
+    half = run_folder(tmp_path, "halves")
+    deadline = time.monotonic() + 300
+    while not (half / "consumed-rank0.tsv").exists() or len(rank_audit(half)) < 25:
+        assert time.monotonic() < deadline and first.proc.poll() is None, first.output[-2000:]
+        time.sleep(0.2)
+    first.kill_group()  # a crash after the checkpoint at step 20
+    ckpt = half / "checkpoints" / "step0000020.ckpt"
+    assert (half / "checkpoints" / "replay" / "step20-rank0.pt").is_file()
+    second = train_run(*args, "--name", "halves", "--resume", str(ckpt))
+    assert second.wait(300) == 0, second.output[-2000:]
+    before = [row for row in rank_audit(half) if row[0] < 20]
+    assert before + rank_audit(run_folder(tmp_path, "halves", 1)) == expected
+    other = train_run(*args, "--name", "halves", "--resume", str(ckpt), "--stream.reuse", "auto")
+    assert other.wait(120) == 2 and "trained with --stream.reuse 4; resume with it" in other.output
+
+
+@pytest.mark.long  # reuse 1 builds the plain stream's data module (test_reuse_1_is_the_plain_stream)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_reuse_1_is_todays_stream(train_run, tmp_path):
+    from conftest import read_consumed
+
+    args = (*FAST, "--train.max_steps", "20", "--train.log_every", "5")
+    plain = train_run(*args, "--name", "plain")
+    assert plain.wait(300) == 0, plain.output[-2000:]
+    one = train_run(*args, "--name", "one", "--stream.reuse", "1")
+    assert one.wait(300) == 0, one.output[-2000:]
+    assert read_consumed(run_folder(tmp_path, "plain")) == read_consumed(run_folder(tmp_path, "one"))
+    a, b = read_scalars(run_folder(tmp_path, "plain")), read_scalars(run_folder(tmp_path, "one"))
+    assert a["train/loss"] == b["train/loss"]
