@@ -356,7 +356,7 @@ def test_reuse_auto_with_a_slow_generator_never_waits_and_keeps_fresh_exactly_on
     run = train_run(
         *FAST, "--stream.reuse", "auto", "--stream.buffer", "32", "--train.max_steps", "60",
         "--train.log_every", "10", "--name", "auto",
-        env={"STREAMGEN_FAKE_DELAY": "0.5"},  # a unit of 8 takes 1 s: many trainer steps
+        env={"STREAMGEN_FAKE_DELAY": "2"},  # a unit of 8 takes 4 s: many trainer steps
     )  # fmt: skip
     assert run.wait(420) == 0, run.output[-3000:]
     folder = run_folder(tmp_path, "auto")
@@ -369,7 +369,7 @@ def test_reuse_auto_with_a_slow_generator_never_waits_and_keeps_fresh_exactly_on
     for _, _, f, replayed in rows:  # a replay only of what has arrived fresh, and in the buffer (32)
         assert set(replayed) <= seen
         seen |= set(f)
-    assert 1 <= len(units) < 40  # the generator was the bottleneck: most steps replayed
+    assert 1 <= len(units) < 45  # the generator was the bottleneck: replays filled the gaps
     scalars = read_scalars(folder)
     waits = [v for _, v in scalars["stream/trainer_wait_fraction"]]
     assert max(waits) < 0.05, waits  # the trainer never waited on a non-empty buffer
