@@ -417,3 +417,47 @@ def test_reuse_1_is_todays_stream(train_run, tmp_path):
     assert read_consumed(run_folder(tmp_path, "plain")) == read_consumed(run_folder(tmp_path, "one"))
     a, b = read_scalars(run_folder(tmp_path, "plain")), read_scalars(run_folder(tmp_path, "one"))
     assert a["train/loss"] == b["train/loss"]
+
+
+# -- the comparison along the knob ---------------------------------------------------------------
+
+
+def logged_run(folder: Path, config: dict, uses: float) -> Path:
+    """A run folder as train.py writes it, whose images were each used ``uses`` times."""
+    import yaml
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"generators": 1, "trainers": 1, **config}))
+    writer = SummaryWriter(str(folder))
+    for step in (10, 20):
+        writer.add_scalar("compute/total_gpu_hours", step / 20, step)
+        writer.add_scalar("data/images_seen", step * 8, step)
+        writer.add_scalar("data/unique_images", step * 8 / uses, step)
+        writer.add_scalar("val/top1", 0.01 * step * uses, step)
+    writer.close()
+    return folder
+
+
+def test_compare_labels_and_draws_stream_replay_and_cache_runs_against_unique_images(tmp_path):
+    from streamgen.compare import TABLE, compare, compared_metrics, figure, load_run
+
+    folders = [
+        logged_run(tmp_path / "s" / "version_0", {"source": "stream", "stream": {"reuse": "1"}}, 1),
+        logged_run(tmp_path / "k" / "version_0", {"source": "stream", "stream": {"reuse": "4", "buffer": 64}}, 4),
+        logged_run(tmp_path / "a" / "version_0", {"source": "stream", "stream": {"reuse": "auto"}}, 2),
+        logged_run(tmp_path / "c" / "version_0", {"source": "cache", "cache": {"scale": 1.0, "images": 80}}, 2),
+    ]
+    runs = [load_run(f) for f in folders]
+    assert [r.arm for r in runs] == ["stream", "reuse 4", "reuse auto", "cache 1x"]
+    fig = figure(runs, compared_metrics(runs))
+    top1 = fig.axes[:3]  # the first row: validation top-1 against GPU-hours, images seen, unique images
+    assert "unique images" in top1[2].get_xlabel()
+    labels = [line.get_label() for line in top1[2].get_lines()]
+    assert labels == ["stream: s/version_0", "reuse 4: k/version_0", "reuse auto: a/version_0", "cache 1x: c/version_0"]
+    assert list(top1[2].get_lines()[1].get_xdata()) == [20.0, 40.0]  # reuse 4: a quarter of the images seen
+    assert list(top1[1].get_lines()[1].get_xdata()) == [80.0, 160.0]
+    compare(folders, tmp_path / "cmp")
+    table = (tmp_path / "cmp" / TABLE).read_text()
+    assert "| reuse 4: stream, 1 generator(s), 1 trainer(s), buffer 64 |" in table
+    assert "| cache 1x: cache (80 images), 1 trainer(s) |" in table
