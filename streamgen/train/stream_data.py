@@ -391,7 +391,8 @@ class ReplayDataModule(StreamDataModule):
 
 def stream_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     """The stream state saved in a Lightning checkpoint, or None if it has none."""
-    state = checkpoint.get(StreamDataModule.__qualname__)
-    if isinstance(state, dict) and state.get("format") == STATE_FORMAT:
-        return state
+    for owner in (StreamDataModule, ReplayDataModule):  # Lightning keys the state by the class's name
+        state = checkpoint.get(owner.__qualname__)
+        if isinstance(state, dict) and state.get("format") == STATE_FORMAT:
+            return state
     return None
