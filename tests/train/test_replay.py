@@ -461,3 +461,26 @@ def test_compare_labels_and_draws_stream_replay_and_cache_runs_against_unique_im
     table = (tmp_path / "cmp" / TABLE).read_text()
     assert "| reuse 4: stream, 1 generator(s), 1 trainer(s), buffer 64 |" in table
     assert "| cache 1x: cache (80 images), 1 trainer(s) |" in table
+
+
+def test_a_replay_checkpoint_is_read_as_a_stream_position_by_the_launcher():
+    from streamgen.train.stream_data import stream_state
+
+    state = {"format": "streamgen-stream/1", "cursors": []}
+    assert stream_state({ReplayDataModule.__qualname__: state}) == state  # Lightning keys it by class name
+    assert stream_state({StreamDataModule.__qualname__: state}) == state
+
+
+@pytest.mark.parametrize("name", ["in100_reuse4_cdc_g2", "in100_reuse16_cdc_g2", "in100_reuseauto_cdc_g2"])
+def test_the_reuse_family_differs_from_the_stream_arm_only_in_reuse_and_steps(name):
+    import yaml
+
+    from streamgen.config import parse_config
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    arm, stream = (yaml.safe_load((root / f"{n}.yaml").read_text()) for n in (name, "in100_stream_cdc_g2"))
+    parse_config(["--config", str(root / f"{name}.yaml")])  # valid as it stands
+    for key in ("seed", "classes", "prompt", "model", "source", "generator"):
+        assert arm[key] == stream[key], key
+    assert {k: v for k, v in arm["stream"].items() if k not in ("reuse", "buffer")} == stream["stream"]
+    assert arm["train"]["budget_gpu_hours"] == stream["train"]["budget_gpu_hours"]
