@@ -3,7 +3,7 @@
 Measures, side by side in one process on one device:
 
 1. **in-memory**: the trainer's steps/s on batches already in memory (the upper bound: the
-   trainer never waits);
+   trainer never waits), in rounds alternating with (2), so that a busy machine slows both alike;
 2. **reuse auto**: the same trainer fed through a real `SlotQueue` and the real
    `streamgen.train.stream_data.ReplayDataModule` hand-off, by a producer thread that commits
    one unit every ``--slowdown`` (10) trainer step times: steps/s, the share of wall time
@@ -11,7 +11,7 @@ Measures, side by side in one process on one device:
 3. the cost of **composing a batch from the buffer** (the draw and the gather, what replay adds
    to every step) against the step time.
 
-    python bench/replay.py                                   # CPU, small settings
+    python bench/replay.py --threads 2                       # CPU, small settings
     python bench/replay.py --device cuda --arch resnet50 --batch 256 --resolution 256 --crop 224 \
         --buffer 16384 --steps 200
 
@@ -58,26 +58,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def in_memory(args, device, step) -> float:
-    images = torch.randint(0, 256, (args.batch, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 100, (args.batch,), device=device)
-    for _ in range(args.warmup):
-        step(images, labels)
-    sync(device)
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        step(images, labels)
-    sync(device)
-    return args.steps / (time.perf_counter() - started)
-
-
 def producer(queue: SlotQueue, period: float, stop: threading.Event) -> None:
-    """A generator ``period`` seconds per unit: fills the next free slot with unit u, in order."""
+    """A generator of ``period`` seconds per unit: the first at once, then one every period, in order."""
     unit, batch = 0, queue.unit_size
     next_at = time.perf_counter()
     while not stop.is_set():
-        next_at += period
         stop.wait(max(0.0, next_at - time.perf_counter()))
+        next_at += period
         while queue.count(FREE) == 0 and not stop.is_set():
             stop.wait(0.01)
         if stop.is_set():
@@ -91,36 +78,66 @@ def producer(queue: SlotQueue, period: float, stop: threading.Event) -> None:
         unit += 1
 
 
-def replay_auto(args, device, step, step_seconds: float, tmp: Path) -> dict[str, float]:
+def side_by_side(args, device, step, tmp: Path) -> dict[str, float]:
+    """In-memory and reuse-auto steps in alternating rounds, so that a busy machine slows both alike."""
+    images = torch.randint(0, 256, (args.batch, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 100, (args.batch,), device=device)
+    for _ in range(args.warmup):
+        step(images, labels)
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(args.warmup):
+        step(images, labels)
+    sync(device)
+    step_seconds = (time.perf_counter() - started) / args.warmup  # sets the generator's pace
+
     queue = SlotQueue(3, args.batch, args.resolution, Doorbell())
     settings = ReplaySettings(reuse=None, capacity=args.buffer, max_steps=10**9, seed=0, on_device=True)
     data = ReplayDataModule(queue, settings, tmp / "replay", rank=0, world=1, run_meta={}, crop=args.crop)
     data.trainer = SimpleNamespace(global_step=0, strategy=SimpleNamespace(root_device=device))
     data.setup("fit")
-    data.augment = lambda images: images  # the step below augments, as in-memory does
+    data.augment = lambda images: images  # the step augments, as for the in-memory batches
     stop = threading.Event()
     thread = threading.Thread(target=producer, args=(queue, args.slowdown * step_seconds, stop), daemon=True)
     thread.start()
     items = iter(data.train_dataloader().dataset)
+    memory_s = replay_s = 0.0
+    global_step = 0
+
+    def replay_step() -> None:
+        nonlocal global_step
+        item = next(items)  # a unit in its slot (the buffer copies it to the device), or none
+        data.trainer.global_step = global_step
+        batch = data.on_after_batch_transfer(item, 0)
+        step(batch["image"], batch["label"])
+        global_step += 1
+
     try:
-        for i in range(args.warmup + args.steps):
-            if i == args.warmup:
-                sync(device)
-                started, waited0, fresh0 = time.perf_counter(), data.stream.wait_seconds, data.fresh_images
-            item = next(items)  # a unit in its slot (the buffer copies it to the device), or none
-            data.trainer.global_step = i
-            batch = data.on_after_batch_transfer(item, 0)
-            step(batch["image"], batch["label"])
+        replay_step()  # the first unit: the buffer is empty until it arrives
         sync(device)
-        seconds = time.perf_counter() - started
+        waited0, fresh0 = data.stream.wait_seconds, data.fresh_images
+        for _ in range(-(-args.steps // args.round)):
+            t = time.perf_counter()
+            for _ in range(args.round):
+                step(images, labels)
+            sync(device)
+            memory_s += time.perf_counter() - t
+            t = time.perf_counter()
+            for _ in range(args.round):
+                replay_step()
+            sync(device)
+            replay_s += time.perf_counter() - t
     finally:
         stop.set()
         thread.join()
         data.teardown("fit")
+    steps = -(-args.steps // args.round) * args.round
     return {
-        "steps_per_s": args.steps / seconds,
-        "wait_fraction": (data.stream.wait_seconds - waited0) / seconds,
-        "fresh_fraction": (data.fresh_images - fresh0) / (args.steps * args.batch),
+        "memory_steps_per_s": steps / memory_s,
+        "steps_per_s": steps / replay_s,
+        "wait_fraction": (data.stream.wait_seconds - waited0) / replay_s,
+        "fresh_fraction": (data.fresh_images - fresh0) / (steps * args.batch),
+        "steps": steps,
     }
 
 
@@ -155,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--buffer", type=int, default=1024, help="replay buffer, samples")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--round", type=int, default=5, help="steps of each source per alternating round")
     parser.add_argument("--slowdown", type=float, default=10.0, help="generator time per unit / trainer step time")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -163,15 +181,16 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     step = make_step(args, device)
-    memory = in_memory(args, device, step)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        auto = replay_auto(args, device, step, 1.0 / memory, Path(tmp))
+        auto = side_by_side(args, device, step, Path(tmp))
+    memory = auto["memory_steps_per_s"]
     compose = composition_cost(args, device)
     step_ms = 1000.0 / memory
     print(f"device {device}, {args.arch}, batch {args.batch} at {args.resolution} px (crop {args.crop}), "
-          f"buffer {args.buffer}, generator {args.slowdown:g}x slower than the trainer, {args.steps} steps")  # fmt: skip
+          f"buffer {args.buffer}, generator {args.slowdown:g}x slower than the trainer, {auto['steps']} steps each, "
+          f"alternating in rounds of {args.round}")  # fmt: skip
     print(f"in-memory source:  {memory:8.2f} steps/s ({step_ms:.1f} ms/step)")
     print(
         f"reuse auto:        {auto['steps_per_s']:8.2f} steps/s = {auto['steps_per_s'] / memory:.0%} of in-memory, "
