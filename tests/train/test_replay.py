@@ -484,3 +484,41 @@ def test_the_reuse_family_differs_from_the_stream_arm_only_in_reuse_and_steps(na
         assert arm[key] == stream[key], key
     assert {k: v for k, v in arm["stream"].items() if k not in ("reuse", "buffer")} == stream["stream"]
     assert arm["train"]["budget_gpu_hours"] == stream["train"]["budget_gpu_hours"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--stream.reuse", "0"], "--stream.reuse must be a whole number >= 1 or auto"),
+        (["--stream.reuse", "auto", "--stream.buffer", "4"], "smaller than one batch (8 samples)"),
+        (["--stream.reuse", "4", "--stream.buffer", "16"], "raise it to at least 44"),
+        (["--stream.reuse", "3"], "a multiple of 3 (e.g. 48)"),
+        (["--stream.reuse", "auto", "--stream.buffer", "100000000"], "lower --stream.buffer"),
+        (["--stream.reuse", "4", "--source", "cache", "--cache.images", "64"], "a cache run reuses its images"),
+    ],
+)
+def test_bad_replay_input_exits_2_with_one_line_before_anything_starts(tmp_path, capsys, args, message):
+    import os
+
+    from conftest import ROOT, descendants
+
+    from streamgen.launch.launcher import main
+
+    code = main(["--config", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path / "runs"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists() and not descendants(os.getpid())
+
+
+def test_a_queue_can_be_polled_without_waiting():
+    q = make_queue(2)
+    assert q.try_get() is None
+    fill(q, 5)
+    fill(q, 3)
+    assert q.try_get(unit=4) is None  # in-order consumption: only the unit expected next
+    slot = q.try_get(unit=5)
+    assert q.unit(slot) == 5 and q.try_get() is not None and q.try_get() is None
+    q.close("stopping")
+    with pytest.raises(Exception, match="stopping"):
+        q.try_get()
