@@ -193,12 +193,14 @@ def dashboard_layout(slots: int, lr: float, peak_lr: float, generators: int) -> 
             ],
             f"queue fill (fraction of {slots} slots)": ["Multiline", ["stream/queue_fill"]],
             "redraws and generator restarts (totals)": ["Multiline", ["stream/redraws", "stream/generator_restarts"]],
+            "fresh fraction of the images trained on (1: no replay)": ["Multiline", ["stream/fresh_fraction"]],
         },
         "3 val": {"real images": ["Multiline", [r"val/.*"]]},
         "4 probe": {"linear probes": ["Multiline", [r"probe/.*"]]},
         "5 compute": {
             "GPU-hours held (generators, trainers, total)": ["Multiline", [r"compute/.*gpu_hours"]],
-            "images seen and unique images": ["Multiline", [r"data/.*"]],
+            "images seen and unique images": ["Multiline", ["data/images_seen", "data/unique_images"]],
+            "uses per unique image (images seen / unique)": ["Multiline", ["data/mean_uses"]],
         },
         "6 devices": {
             "GPU utilisation (%)": ["Multiline", [r"workers/.*_gpu_util"]],
