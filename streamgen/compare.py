@@ -8,7 +8,9 @@ still going is read as far as it got) and writes into ``--out``:
 
 - ``compare.png``: validation top-1 and top-5, linear-probe top-1 (``probe/<name>/top1``) where
   logged, and the training loss, each against accounted compute (total GPU-hours, see
-  `streamgen.train.compute`) and against images seen; one line per run, the same colour throughout;
+  `streamgen.train.compute`), against images seen and against unique images; one line per run,
+  the same colour throughout, labelled by its arm (`Run.arm`: ``stream``, ``reuse 4``,
+  ``reuse auto``, ``cache 1x``) and folder;
 - ``compare.md``: a summary of each run, and each run's metrics at matched budgets: the largest
   budget every run has reached, and fractions of it; a metric "at budget B" is its last value
   logged at or before B GPU-hours.
@@ -56,14 +58,26 @@ class Run:
         """Compute reached so far: the last logged total."""
         return float(self.scalars[TOTAL][1][-1])
 
+    @property
+    def arm(self) -> str:
+        """Where along the reuse knob the run lies: ``stream``, ``reuse 4``, ``reuse auto``, ``cache 1x``."""
+        c = self.config
+        if c.get("source", "stream") == "cache":
+            cache = c.get("cache") or {}
+            return f"cache {cache['scale']:g}x" if cache.get("scale") else f"cache {cache.get('images')}"
+        reuse = str((c.get("stream") or {}).get("reuse", "1"))
+        return "stream" if reuse == "1" else f"reuse {reuse}"
+
     def describe(self) -> str:
         c = self.config
         trainers = f"{c.get('trainers', '?')} trainer(s)"
         if c.get("source", "stream") == "cache":  # its generators only built the cache (the build cost counts)
             cache = c.get("cache") or {}
             size = f"{cache['images']} images" if cache.get("images") else f"{cache.get('scale')}x real size"
-            return f"cache ({size}), {trainers}"
-        return f"stream, {c.get('generators', '?')} generator(s), {trainers}"
+            return f"{self.arm}: cache ({size}), {trainers}"
+        buffer = (c.get("stream") or {}).get("buffer")
+        replay = f", buffer {buffer}" if self.arm != "stream" and buffer else ""
+        return f"{self.arm}: stream, {c.get('generators', '?')} generator(s), {trainers}{replay}"
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -120,11 +134,13 @@ def load_run(folder: Path) -> Run:
             "(runs made before compute accounting cannot be compared by cost)"
         )
     run = Run(folder, f"{folder.parent.name}/{folder.name}", config, scalars)
-    images = scalars.get(SEEN)
+    images, unique = scalars.get(SEEN), scalars.get(UNIQUE)
     for tag, (steps, _) in scalars.items():
+        seen = at_steps(images, steps) if images is not None else steps * _images_per_step(config)
         run.x[tag] = {
             "gpu_hours": at_steps(scalars[TOTAL], steps),
-            "images": at_steps(images, steps) if images is not None else steps * _images_per_step(config),
+            "images": seen,
+            "unique": at_steps(unique, steps) if unique is not None else seen,  # no replay logged: all new
         }
     return run
 
@@ -212,9 +228,13 @@ def figure(runs: list[Run], metrics: list[tuple[str, str, float | None]]):
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(metrics), 2, figsize=(12, 3.2 * len(metrics)), squeeze=False)
+    fig, axes = plt.subplots(len(metrics), 3, figsize=(17, 3.2 * len(metrics)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    axes_x = (("gpu_hours", "GPU-hours (accounted compute)"), ("images", "images seen"))
+    axes_x = (
+        ("gpu_hours", "GPU-hours (accounted compute)"),
+        ("images", "images seen"),
+        ("unique", "unique images (generated and trained on)"),
+    )
     for row, (tag, title, percent) in enumerate(metrics):
         for col, (xkey, xlabel) in enumerate(axes_x):
             ax = axes[row][col]
@@ -225,14 +245,17 @@ def figure(runs: list[Run], metrics: list[tuple[str, str, float | None]]):
                 scale = percent or 1.0
                 ys = r.scalars[tag][1] * scale
                 marker = "o" if len(ys) <= 20 else None  # a few evaluations: show each point
-                ax.plot(r.x[tag][xkey], ys, color=colors[i % len(colors)], marker=marker, markersize=3, label=r.label)
+                legend = f"{r.arm}: {r.label}"
+                ax.plot(r.x[tag][xkey], ys, color=colors[i % len(colors)], marker=marker, markersize=3, label=legend)
                 drawn = True
             if not drawn:
                 ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
             ax.set_title(title)
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], color=colors[i % len(colors)], label=r.label) for i, r in enumerate(runs)]
+    handles = [
+        plt.Line2D([], [], color=colors[i % len(colors)], label=f"{r.arm}: {r.label}") for i, r in enumerate(runs)
+    ]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(runs), 4), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.2 * len(metrics))))
     return fig

@@ -87,6 +87,18 @@ class StreamConfig:
         "same steps; a rank may wait for a late unit) or 'arrival' (whichever is ready first; never waits)",
         choices=("increasing", "arrival"),
     )
+    reuse: str = _f(
+        "1",
+        "times each sample is trained on: 1 (the stream: once), K (exactly K: once fresh, K-1 times replayed from "
+        "a buffer; needs train.max_steps x batch_size divisible by K) or 'auto' (replay only while no fresh unit "
+        "is ready: the trainer never waits; the reuse follows the speed ratio)",
+    )
+    buffer: int | None = _f(
+        None,
+        "replay buffer, in samples per trainer rank (reuse K or auto): the staleness bound; on the trainer's GPU "
+        "when it fits in a quarter of its memory, else in host memory (default: 32 batches, or the least reuse "
+        "K needs)",
+    )
 
 
 @dataclass
@@ -561,6 +573,62 @@ def validate(cfg: RunConfig) -> None:
             raise UsageError(message)
     _validate_recipe(cfg)
     _validate_training(cfg)
+    _validate_replay(cfg)
+
+
+def reuse_of(cfg: RunConfig) -> int | None:
+    """``stream.reuse`` as a number K, or None for 'auto' (validated by `validate`)."""
+    text = str(cfg.stream.reuse).strip().lower()
+    return None if text == "auto" else int(text)
+
+
+def min_capacity(batch: int, reuse: int | None) -> int:
+    """The smallest replay buffer a schedule works with (`streamgen.train.replay`): one batch for
+    auto; for reuse K, what a ramp of one step holds: K-1 uses left for one batch's samples, the
+    unit being taken fresh and the next, and the rounding of the fresh counts."""
+    if reuse is None or reuse == 1:
+        return batch
+    return batch * (reuse - 1) + reuse + 2 * batch
+
+
+def replay_buffer(cfg: RunConfig) -> int:
+    """``stream.buffer``, or its default: 32 batches, at least what reuse K needs."""
+    if cfg.stream.buffer is not None:
+        return cfg.stream.buffer
+    return max(32 * cfg.stream.batch_size, min_capacity(cfg.stream.batch_size, reuse_of(cfg)))
+
+
+def _validate_replay(cfg: RunConfig) -> None:
+    """--stream.reuse and --stream.buffer, alone and with the run's batch, steps and source."""
+    s, t = cfg.stream, cfg.train
+    text = str(s.reuse).strip().lower()
+    if text != "auto" and not (text.isdigit() and int(text) >= 1):
+        raise UsageError(f"--stream.reuse must be a whole number >= 1 or auto (got {s.reuse!r})")
+    reuse = reuse_of(cfg)
+    if reuse == 1:
+        return
+    name = "auto" if reuse is None else str(reuse)
+    if cfg.source == "cache":
+        raise UsageError(
+            f"--stream.reuse {name} replays a stream; a cache run reuses its images by epochs: drop --stream.reuse "
+            "or use --source stream"
+        )
+    buffer = replay_buffer(cfg)
+    least = min_capacity(s.batch_size, reuse)
+    if buffer < least:
+        what = "one batch" if reuse is None else f"(K+1) x batch_size + K for --stream.reuse {reuse}"
+        raise UsageError(
+            f"--stream.buffer {buffer} is smaller than {what} ({least} samples): raise it to at least {least}"
+        )
+    if reuse is not None and (t.max_steps * s.batch_size) % reuse:
+        step = reuse // math.gcd(s.batch_size, reuse)
+        raise UsageError(
+            f"--stream.reuse {reuse}: every sample is used exactly {reuse} times only if --train.max_steps x "
+            f"--stream.batch_size ({t.max_steps} x {s.batch_size}) is divisible by {reuse}: use a max_steps that is "
+            f"a multiple of {step} (e.g. {max(step, t.max_steps // step * step)})"
+        )
+    if reuse is not None and t.max_steps < reuse:
+        raise UsageError(f"--stream.reuse {reuse} needs --train.max_steps of at least {reuse} (got {t.max_steps})")
 
 
 SEED_LIMIT = 2**63  # seeds are hashed as 64-bit integers and stored in int64 checkpoints

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 
 from streamgen.config import GeneratorConfig
 
 FAKE = "fake"  # --model fake: a seeded pattern per noise seed, no diffusion
+DELAY_ENV = "STREAMGEN_FAKE_DELAY"  # a testing hook: seconds each fake batch takes (a slow generator)
 
 
 class FakeGenerator:
@@ -19,10 +23,13 @@ class FakeGenerator:
     def __init__(self, cfg: GeneratorConfig, out_resolution: int, device: torch.device) -> None:
         self.batch_size, self.out_resolution, self.device = cfg.batch_size, out_resolution, device
         self.redraws = 0
+        self.delay = float(os.environ.get(DELAY_ENV) or 0)  # tests and bench/replay.py: a slow generator
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         r = self.out_resolution
+        if self.delay:
+            time.sleep(self.delay)
         out = torch.empty(len(seeds), 3, r, r, dtype=torch.uint8)
         for i, seed in enumerate(seeds):
             g = torch.Generator().manual_seed(int(seed))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from streamgen.cache.layout import CacheSpec
-from streamgen.config import RunConfig, TrainConfig, slots_per_rank
+from streamgen.config import RunConfig, TrainConfig, replay_buffer, reuse_of, slots_per_rank
 from streamgen.errors import UsageError
 from streamgen.evaluate.benchmarks import check_folder
 from streamgen.evaluate.probe import check_probe_arch
@@ -35,6 +35,7 @@ from streamgen.plan.prompts import PromptTemplate
 from streamgen.plan.samples import SamplePlan, UnitCursor, load_class_counts
 from streamgen.stream.queue import slot_nbytes
 from streamgen.train.datamodule import SourceSpec
+from streamgen.train.replay import ReplaySettings, sample_bytes
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Job:
     placement: Placement = Placement(1, 0, "127.0.0.1", DEFAULT_PORT, "single")  # this node's place in the run
     cache: CacheSpec | None = None  # --source cache: the checked cache (layout, fingerprint, complete?)
     steps_per_epoch: int | None = None  # --source cache: batches per rank per epoch; None for the stream
+    replay_on_device: bool = False  # --stream.reuse K > 1 or auto: the buffer fits the trainer GPU's memory
 
     @property
     def world(self) -> int:
@@ -74,6 +76,23 @@ class Job:
             pin=self.accelerator == "gpu",
             cache_layout=layout,
             classes=len(self.plan.classes),
+            replay=self.replay(),
+        )
+
+    def replay(self) -> ReplaySettings | None:
+        """The replay buffer's settings (--stream.reuse other than 1), or None for the plain stream."""
+        cfg = self.cfg
+        reuse = reuse_of(cfg)
+        if reuse == 1 or cfg.source != "stream":
+            return None
+        return ReplaySettings(
+            reuse=reuse,
+            capacity=replay_buffer(cfg),
+            max_steps=cfg.train.max_steps,
+            seed=cfg.seed,
+            on_device=self.replay_on_device,
+            resume_dir=str(Path(cfg.resume).parent) if cfg.resume else None,
+            keep=cfg.train.keep_checkpoints,
         )
 
 
@@ -113,6 +132,84 @@ def check_memory(needed: int) -> None:
             f"the queues need {needed / 2**30:.1f} GiB of shared memory but only {available / 2**30:.1f} GiB "
             "is available: lower --stream.slots, --stream.batch_size or --stream.resolution"
         )
+
+
+REPLAY_GPU_SHARE = 0.25  # a replay buffer goes on the trainer's GPU if it takes at most this share of its memory
+
+
+def gpu_memory_bytes() -> int | None:
+    """The smallest GPU memory on this node, asked of NVML (CUDA must not start before spawning)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        sizes = [
+            int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total)
+            for i in range(pynvml.nvmlDeviceGetCount())
+        ]
+    except Exception:
+        return None
+    return min(sizes) if sizes else None
+
+
+def host_memory_available() -> int | None:
+    try:
+        meminfo = Path("/proc/meminfo").read_text().split("\n")
+        return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_replay_memory(cfg: RunConfig, accelerator: str, queue_bytes: int) -> bool:
+    """Where each rank's replay buffer goes: True for the trainer's GPU (at most a quarter of its
+    memory), False for host memory; a UsageError if it fits neither."""
+    if reuse_of(cfg) == 1 or cfg.source != "stream":
+        return False
+    samples = replay_buffer(cfg)
+    needed = samples * sample_bytes(cfg.stream.resolution)
+    what = f"--stream.buffer {samples} samples at {cfg.stream.resolution} px need {needed / 2**30:.2f} GiB per rank"
+    if accelerator == "gpu":
+        gpu = gpu_memory_bytes()
+        if gpu is not None and needed <= REPLAY_GPU_SHARE * gpu:
+            return True
+    host = host_memory_available()
+    if host is not None and cfg.trainers * needed + queue_bytes > 0.8 * host:
+        where = "a quarter of a trainer GPU's memory nor in " if accelerator == "gpu" else ""
+        raise UsageError(
+            f"{what} ({cfg.trainers * needed / 2**30:.2f} GiB for {cfg.trainers} rank(s)), which fits neither in "
+            f"{where}the {host / 2**30:.1f} GiB of host memory available (with the queues): lower --stream.buffer"
+        )
+    return False
+
+
+def check_resume_replay(path: str, cfg: RunConfig, positions: list[dict[str, Any]]) -> None:
+    """A resumed run replays as the checkpoint's did, and the checkpoint's replay sidecars exist."""
+    reuse = reuse_of(cfg)
+    label = "auto" if reuse is None else str(reuse)
+    saved = {str((p.get("replay") or {}).get("reuse", "1")) for p in positions}
+    if saved != {label}:
+        theirs = ", ".join(sorted(saved))
+        raise UsageError(f"--resume {path}: the checkpoint was trained with --stream.reuse {theirs}; resume with it")
+    if reuse == 1:
+        return
+    for p in positions:
+        info = p["replay"]
+        if info.get("buffer") != replay_buffer(cfg):
+            raise UsageError(
+                f"--resume {path}: the checkpoint's replay buffer holds {info.get('buffer')} samples per rank; "
+                f"resume with --stream.buffer {info.get('buffer')}"
+            )
+        if reuse is not None and info.get("max_steps") != cfg.train.max_steps:
+            raise UsageError(
+                f"--resume {path}: --stream.reuse {reuse} plans every sample's uses over --train.max_steps "
+                f"{info.get('max_steps')}; resume with --train.max_steps {info.get('max_steps')}"
+            )
+        sidecar = Path(path).parent / "replay" / str(info.get("sidecar"))
+        if not sidecar.is_file():
+            raise UsageError(
+                f"--resume {path}: its replay buffer {sidecar} is missing (it is written beside the checkpoint): "
+                "copy the checkpoints folder whole"
+            )
 
 
 def run_meta(cfg: RunConfig, classes: ClassSet, nodes: int = 1) -> dict[str, Any]:
@@ -287,7 +384,7 @@ def check_resume_progress(path: str, max_steps: int) -> None:
         )
 
 
-def load_resume_cursors(path: str, meta: dict[str, Any]) -> list[UnitCursor]:
+def load_resume_cursors(path: str, meta: dict[str, Any], cfg: RunConfig) -> list[UnitCursor]:
     from streamgen.train.stream_data import stream_state
 
     state = stream_state(read_checkpoint(path))
@@ -308,6 +405,7 @@ def load_resume_cursors(path: str, meta: dict[str, Any]) -> list[UnitCursor]:
             raise UsageError(
                 f"--resume {path}: the checkpoint's stream has {flag} {state[key]}; resume with {flag} {state[key]}"
             )
+    check_resume_replay(path, cfg, state["cursors"])
     cursors = sorted((UnitCursor.from_state_dict(c) for c in state["cursors"]), key=lambda c: c.rank)
     if [c.rank for c in cursors] != list(range(meta["world"])):
         raise UsageError(
@@ -338,18 +436,20 @@ def prepare(cfg: RunConfig) -> Job:
         check_generator(cfg.generator, "cuda" if accelerator == "gpu" else "cpu")
     check_recipe(cfg.train, accelerator, cfg.trainers * placement.nodes, cfg.stream.batch_size)
     slots = slots_per_rank(cfg)
-    check_memory(cfg.trainers * slots * slot_nbytes(cfg.stream.batch_size, cfg.stream.resolution))
+    queue_bytes = cfg.trainers * slots * slot_nbytes(cfg.stream.batch_size, cfg.stream.resolution)
+    check_memory(queue_bytes)
+    replay_on_device = check_replay_memory(cfg, accelerator, queue_bytes)
     meta = run_meta(cfg, classes, placement.nodes)
     world, first = meta["world"], placement.node_rank * cfg.trainers
     cache, steps_per_epoch = None, None
     if cfg.source == "cache":  # its checkpoints hold a cache position, not stream cursors
         cache, steps_per_epoch, meta = check_cache_run(cfg, classes, counts, meta, world)
     if cfg.resume and cache is None:
-        cursors = load_resume_cursors(cfg.resume, meta)[first : first + cfg.trainers]  # this node's ranks
+        cursors = load_resume_cursors(cfg.resume, meta, cfg)[first : first + cfg.trainers]  # this node's ranks
     else:
         cursors = [UnitCursor(first + r, world) for r in range(cfg.trainers)]
     if cfg.resume:
         check_resume_model(cfg.resume, cfg.train, classes.keys)
         check_resume_progress(cfg.resume, cfg.train.max_steps)
     job = Job(cfg, plan, model, generator_devices, accelerator, trainer_devices, cursors, meta, slots, placement)
-    return dataclasses.replace(job, cache=cache, steps_per_epoch=steps_per_epoch)
+    return dataclasses.replace(job, cache=cache, steps_per_epoch=steps_per_epoch, replay_on_device=replay_on_device)

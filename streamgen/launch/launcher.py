@@ -143,6 +143,8 @@ def resolved_config(job: Job) -> dict:
     if "local_crop" in t:
         t["local_crop"] = local_crop_size(job.cfg.train)
     cfg["stream"]["slots"] = job.slots
+    replay = job.replay()
+    cfg["stream"]["buffer"] = replay.capacity if replay is not None else None  # None: no replay buffer
     cfg["model"] = job.model
     if "dist" in cfg:
         p = job.placement

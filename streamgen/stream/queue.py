@@ -331,6 +331,21 @@ class SlotQueue:
                 alive()
             self.filled.wait(poll)
 
+    def try_get(self, unit: int | None = None) -> int | None:
+        """`get` without waiting: the slot taken (FILLED -> READING), or None when none is ready.
+
+        Raises `StreamClosed` / `OwnerDied` as `get` does, so a replaying consumer that never
+        waits still learns that the stream is over."""
+        filled = np.flatnonzero(self._header[:, _STATE] == FILLED)
+        if unit is not None:
+            filled = filled[self._header[filled, _UNIT] == unit]
+        if len(filled):
+            slot = int(filled[np.argmin(self._header[filled, _UNIT])])
+            self._header[slot, _STATE] = READING
+            return slot
+        self.check_open()
+        return None
+
     def unit(self, slot: int) -> int:
         return int(self._header[slot, _UNIT])
 

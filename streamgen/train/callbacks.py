@@ -35,7 +35,7 @@ the train, stream and val cards at the top of the page. The **Custom Scalars** p
 curated overview, in the order train, stream, val, probe, compute, devices.
 
 The terminal (`StepProgressBar`): one bar in global steps with loss, top-1, images/s, wait
-fraction and ETA on a terminal; when stdout is not a terminal (SLURM, nohup, a pipe), one
+fraction, ETA (and, with a replay buffer, ``uses=``: images seen per unique image) on a terminal; when stdout is not a terminal (SLURM, nohup, a pipe), one
 plain timestamped ``key=value`` line every ``log_every`` steps instead, never a carriage return.
 """
 
@@ -193,12 +193,14 @@ def dashboard_layout(slots: int, lr: float, peak_lr: float, generators: int) -> 
             ],
             f"queue fill (fraction of {slots} slots)": ["Multiline", ["stream/queue_fill"]],
             "redraws and generator restarts (totals)": ["Multiline", ["stream/redraws", "stream/generator_restarts"]],
+            "fresh fraction of the images trained on (1: no replay)": ["Multiline", ["stream/fresh_fraction"]],
         },
         "3 val": {"real images": ["Multiline", [r"val/.*"]]},
         "4 probe": {"linear probes": ["Multiline", [r"probe/.*"]]},
         "5 compute": {
             "GPU-hours held (generators, trainers, total)": ["Multiline", [r"compute/.*gpu_hours"]],
-            "images seen and unique images": ["Multiline", [r"data/.*"]],
+            "images seen and unique images": ["Multiline", ["data/images_seen", "data/unique_images"]],
+            "uses per unique image (images seen / unique)": ["Multiline", ["data/mean_uses"]],
         },
         "6 devices": {
             "GPU utilisation (%)": ["Multiline", [r"workers/.*_gpu_util"]],
@@ -561,9 +563,13 @@ class StepProgressBar(ProgressBar):
 
     def _postfix(self, trainer: L.Trainer) -> str:
         f = self._figures(trainer)
+        compute = next((c for c in trainer.callbacks if hasattr(c, "total_gpu_hours")), None)
+        uses = ""
+        if compute is not None and getattr(compute, "fresh_seen", None) is not None:  # a replay buffer
+            uses = f" uses={float(compute.mean_uses):.2f}"
         return (
             f"loss={f['loss']:.3f} top1={f['top1']:.3f} img/s={f['train_img_s']:.0f} "
-            f"(gen {f['gen_img_s']:.0f}) wait={f['wait']:.0%}"
+            f"(gen {f['gen_img_s']:.0f}) wait={f['wait']:.0%}{uses}"
         )
 
     def _line(self, trainer: L.Trainer, step: int) -> None:
@@ -583,6 +589,8 @@ class StepProgressBar(ProgressBar):
         compute = next((c for c in trainer.callbacks if hasattr(c, "total_gpu_hours")), None)
         if compute is not None:
             fields.append(f"gpu_hours={float(compute.total_gpu_hours):.4f}")
+        if compute is not None and getattr(compute, "fresh_seen", None) is not None:  # a replay buffer
+            fields.append(f"uses={float(compute.mean_uses):.2f}")
         print(stamp, " ".join(fields), file=self.stream, flush=True)
         self._last_line_step = step
 

@@ -17,8 +17,11 @@ checkpoint and a crash is not counted: it bought nothing that the resumed run ke
 
 `ComputeMonitor` logs, from rank 0 every ``train.log_every`` steps (after the update, at
 ``trainer.global_step``): ``compute/generator_gpu_hours``, ``compute/trainer_gpu_hours``,
-``compute/total_gpu_hours``, ``data/images_seen`` (all ranks) and ``data/unique_images``
-(a stream: every image seen is new; a cache of N images: at most N). After each validation
+``compute/total_gpu_hours``, ``data/images_seen`` (all ranks), ``data/unique_images``
+(a stream: every image seen is new; a cache of N images: at most N; a stream through a replay
+buffer: the samples trained on fresh, summed over ranks), ``data/mean_uses`` (seen / unique)
+and, for a stream, ``stream/fresh_fraction`` (fresh / seen since the last point). These are
+computed here and nowhere else; the terminal's ``uses=`` reads them. After each validation
 it logs the validation metrics once more against compute: ``val_by_gpu_hours/<metric>``
 (and, after each score of a `ScoresWhileTraining` callback such as the linear probes of
 `streamgen.evaluate.probe_callback.LinearProbe`,
@@ -56,7 +59,10 @@ DESCRIPTIONS = {  # TensorBoard's tooltip for each tag (where the logger shows d
     "compute/total_gpu_hours": "generator + trainer GPU-hours: what --train.budget_gpu_hours limits and "
     "python -m streamgen.compare puts on its x-axis",
     "data/images_seen": "images consumed by all trainer ranks so far",
-    "data/unique_images": "distinct images among them: all of them for a stream, at most N for a cache of N",
+    "data/unique_images": "distinct images among them: all of them for a stream, at most N for a cache of N, "
+    "the samples trained on fresh with a replay buffer (--stream.reuse)",
+    "data/mean_uses": "images seen / unique images: how many times an image was trained on, on average",
+    "stream/fresh_fraction": "share of the images trained on since the last point that were fresh (1: no replay)",
     "val_by_gpu_hours/top1": "validation top-1 against compute: the step is milli-GPU-hours (1500 = 1.5 GPU-hours)",
     "val_by_gpu_hours/top5": "validation top-5 against compute: the step is milli-GPU-hours (1500 = 1.5 GPU-hours)",
 }
@@ -182,6 +188,8 @@ class ComputeMonitor(L.Callback):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.say = log or _stderr  # not self.log: Lightning sets callback.log
         self.images_seen = 0
+        self.fresh_seen: int | None = None  # replay: fresh samples of all ranks at the last count
+        self._window_start = (0, 0)  # (images seen, unique) at the last logged point: fresh_fraction
         self.stopped_by_budget = False
         self._logged_step = -1
         self._probed: dict[str, int] = {}  # probe name -> the step of its result last logged by cost
@@ -197,7 +205,7 @@ class ComputeMonitor(L.Callback):
             generators = 0
         else:
             build, limit, generators = BuildCost(), None, cfg.generators
-        return cls(
+        monitor = cls(
             generators=generators,
             trainers=cfg.trainers,
             log_every=cfg.train.log_every,
@@ -207,6 +215,8 @@ class ComputeMonitor(L.Callback):
             checkpoint_dir=Path(run_dir) / "checkpoints",
             log=log,
         )
+        monitor.stream = source != "cache"
+        return monitor
 
     # -- the figures ----------------------------------------------------------------------------
 
@@ -222,21 +232,48 @@ class ComputeMonitor(L.Callback):
     def total_gpu_hours(self) -> float:
         return gpu_hours(self.ledger.total_seconds(self.clock()))
 
+    stream = False  # a stream run (from_config): it logs stream/fresh_fraction
+
     @property
     def unique_images(self) -> int:
+        if self.fresh_seen is not None:  # a replay buffer: what its ranks trained on fresh
+            return self.fresh_seen
         if self.unique_limit is None:
             return self.images_seen
         return min(self.unique_limit, self.images_seen)
 
+    @property
+    def mean_uses(self) -> float:
+        """Images seen per unique image: 1 for a stream, epochs for a cache, the reuse with replay."""
+        return self.images_seen / self.unique_images if self.unique_images else math.nan
+
     def metrics(self) -> dict[str, float]:
         now = self.clock()
-        return {
+        out = {
             "compute/generator_gpu_hours": gpu_hours(self.ledger.generator_seconds(now)),
             "compute/trainer_gpu_hours": gpu_hours(self.ledger.trainer_seconds(now)),
             "compute/total_gpu_hours": gpu_hours(self.ledger.total_seconds(now)),
             "data/images_seen": float(self.images_seen),
             "data/unique_images": float(self.unique_images),
         }
+        if self.unique_images:
+            out["data/mean_uses"] = self.mean_uses
+        seen0, unique0 = self._window_start
+        if self.stream and self.images_seen > seen0:
+            out["stream/fresh_fraction"] = (self.unique_images - unique0) / (self.images_seen - seen0)
+        return out
+
+    def _count_fresh(self, trainer: L.Trainer) -> None:
+        """Replay: the fresh samples of every rank (a collective: every rank calls it at the same steps)."""
+        mine = getattr(getattr(trainer, "datamodule", None), "fresh_images", None)
+        if mine is None:
+            return
+        import torch
+
+        total = trainer.strategy.reduce(
+            torch.tensor(float(mine), dtype=torch.float64, device=trainer.strategy.root_device), reduce_op="sum"
+        )
+        self.fresh_seen = int(round(float(total)))
 
     def budget_reached(self) -> bool:
         return self.budget_gpu_hours is not None and self.total_gpu_hours >= self.budget_gpu_hours
@@ -268,6 +305,7 @@ class ComputeMonitor(L.Callback):
             # Every rank must stop at the same step (the checkpoint is a collective): rank 0 decides.
             stop = bool(trainer.strategy.broadcast(self.budget_reached(), src=0))
         if stop or step % self.log_every == 0:
+            self._count_fresh(trainer)  # on every rank: the same steps everywhere
             self._log_compute(trainer, step)
         self._log_probes_by_cost(trainer)  # a probe that ran since the last step
         if stop:
@@ -287,6 +325,7 @@ class ComputeMonitor(L.Callback):
         self._log_probes_by_cost(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._count_fresh(trainer)
         self._log_compute(trainer, trainer.global_step)  # the run's final figures
 
     def state_dict(self) -> dict[str, Any]:
@@ -306,6 +345,7 @@ class ComputeMonitor(L.Callback):
             return
         _write(trainer.logger, self.metrics(), step)
         self._logged_step = step
+        self._window_start = (self.images_seen, self.unique_images)
 
     def _log_probes_by_cost(self, trainer: L.Trainer) -> None:
         """Scores made since the last call (`ScoresWhileTraining.last`), once more at milli-GPU-hours."""

@@ -1,6 +1,7 @@
 """The one place where a trainer rank's source is chosen: ``--source stream`` or ``cache``.
 
-Both are a `streamgen.train.source.SourceDataModule`; the launcher hands what they need as a
+Both are a `streamgen.train.source.SourceDataModule`; a stream with ``--stream.reuse`` other than 1
+goes through a replay buffer (`streamgen.train.stream_data.ReplayDataModule`); the launcher hands what they need as a
 `SourceSpec` of plain values.
 """
 
@@ -14,8 +15,9 @@ from typing import Any
 from streamgen.cache.layout import Layout
 from streamgen.config import RunConfig
 from streamgen.train.cache_data import CacheDataModule
+from streamgen.train.replay import ReplaySettings
 from streamgen.train.source import SourceDataModule
-from streamgen.train.stream_data import StreamDataModule
+from streamgen.train.stream_data import ReplayDataModule, StreamDataModule
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class SourceSpec:
     pin: bool = False  # page-locked cache batches (a GPU trainer): the device copy is asynchronous
     cache_layout: Layout | None = None  # --source cache: the checked cache
     classes: int | None = None  # the run's class count: a cache's labels are range-checked against it
+    replay: ReplaySettings | None = None  # --stream.reuse K > 1 or auto: the rank's replay buffer
 
 
 def make_datamodule(
@@ -61,6 +64,15 @@ def make_datamodule(
             batch_size=cfg.stream.batch_size,
             pin=spec.pin,
             classes=spec.classes,
+            **common,
+        )
+    if spec.replay is not None:
+        return ReplayDataModule(
+            queue,
+            spec.replay,
+            Path(run_dir) / "checkpoints" / "replay",
+            order=cfg.stream.order,
+            stop_requested=stop_requested,
             **common,
         )
     return StreamDataModule(queue, order=cfg.stream.order, stop_requested=stop_requested, **common)

@@ -72,6 +72,10 @@ class SourceDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not self.is_train_batch(batch):
             return batch  # a validation batch
+        return self._hand_off(batch)
+
+    def _hand_off(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A train batch of uint8 images on the trainer's device -> the model's batch."""
         images = batch["image"]
         on_source_memory = images.device.type == "cpu" and self.shares_memory  # no device copy was made
         out = {
