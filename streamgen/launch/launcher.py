@@ -22,6 +22,7 @@ The memory is anonymous, so nothing is left in /dev/shm however the run ends.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -36,7 +37,7 @@ import yaml
 from streamgen.cache.build import CacheBuildFailed
 from streamgen.config import parse_config, to_dict
 from streamgen.errors import EXIT_USAGE, UsageError
-from streamgen.launch.checks import Job, prepare
+from streamgen.launch.checks import Job, check_budget, prepare
 from streamgen.launch.nodes import NodeGroup
 from streamgen.launch.rank import STOP_REASON, TrainerSpec, trainer_main
 from streamgen.stream.control import StopControl
@@ -309,6 +310,10 @@ def _build_cache_first(job: Job, group: NodeGroup | None = None) -> None:
         lost_peer=group.lost_peer if group is not None else None,
         **supervision(cfg),
     )
+    try:  # the build's cost is known now: a budget it used up leaves no step to train
+        check_budget(cfg, dataclasses.replace(job.cache, complete=True))
+    except UsageError as e:
+        raise CacheBuildFailed(f"{e} (the cache in {cfg.cache.dir} is complete and kept for another run)") from None
     log(f"the cache in {cfg.cache.dir} is complete; training from it with {cfg.trainers} trainer(s), no generators")
 
 
@@ -358,14 +363,16 @@ def _start(
     log(f"run folder {run_dir}  (watch: tensorboard --logdir {cfg.out}, then open {dashboard_url(pinned)})")
     _, trainer_threads = _threads_per_process(job)
     env = ddp_env(job)
+    generators_since = time.monotonic()  # devices are charged from their spawn (streamgen.train.compute)
     with _children_without_interrupts():
         supervisor.start()
     if cfg.source == "stream":
         log(f"{cfg.generators} generator(s) on {', '.join(sorted(set(job.generator_devices)))} loading {cfg.model}")
+    held_since = (generators_since, time.monotonic())  # the trainers' devices from their spawn, just below
     for rank in range(cfg.trainers):
         rank_env = {**env, "LOCAL_RANK": str(rank)} if env else {}
         spec = TrainerSpec(
-            job.first_rank + rank, job, str(run_dir), trainer_threads, rank_env, control, beats.pulse(rank)
+            job.first_rank + rank, job, str(run_dir), trainer_threads, rank_env, control, beats.pulse(rank), held_since
         )
         p = SPAWN.Process(
             target=trainer_main,

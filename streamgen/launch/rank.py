@@ -34,6 +34,9 @@ class TrainerSpec:
     env: dict[str, str]
     control: StopControl | None = None  # the launcher's stop request: stop after this step and save
     pulse: Pulse | None = None  # this rank's heartbeat, read by the launcher's trainer watchdog
+    # When this node's generators and trainers were spawned (time.monotonic, system-wide): their
+    # devices are charged from then (streamgen.train.compute), start-up included.
+    held_since: tuple[float, float] | None = None
 
 
 def _lost_peer(error: BaseException) -> bool:
@@ -185,7 +188,7 @@ def build_callbacks(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) 
     )
     return [
         monitor,
-        ComputeMonitor.from_config(job.cfg, spec.run_dir),  # compute/*, data/*, --train.budget_gpu_hours
+        ComputeMonitor.from_config(job.cfg, spec.run_dir, held_since=spec.held_since),  # compute/*, data/*, budget
         StepProgressBar(monitor, t.log_every),
         *([build_probe(spec)] if t.probes else []),
         *([StopAndSave(spec.control)] if spec.control is not None else []),

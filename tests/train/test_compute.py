@@ -244,6 +244,80 @@ def test_several_nodes_multiply_the_devices_held():
     assert trainer.logger.descriptions["compute/total_gpu_hours"]  # TensorBoard tooltips
 
 
+def test_devices_are_charged_from_their_spawn_by_the_launcher_not_from_the_trainers_start():
+    clock = FakeClock(1000.0)
+    # The launcher spawned the generators at t=900 and the trainer at t=950; the monitor is made at 1000
+    # (after the trainer imported torch and built its model): the start-up is charged all the same.
+    monitor = ComputeMonitor(generators=2, trainers=1, log_every=1, clock=clock, held_since=(900.0, 950.0))
+    assert monitor.ledger.generator_seconds(clock()) == 2 * 100
+    assert monitor.ledger.trainer_seconds(clock()) == 1 * 50
+    clock.t += 10
+    assert monitor.total_gpu_hours == pytest.approx((2 * 110 + 60) / 3600)
+
+
+def validate(monitor: ComputeMonitor, trainer: FakeTrainer, clock: FakeClock, seconds: float, top1: float = 0.5):
+    """One validation of ``seconds`` as Lightning runs it (between two steps, or after a stop)."""
+    monitor.on_validation_start(trainer, None)
+    clock.t += seconds
+    trainer.callback_metrics = {"val/top1": top1}
+    monitor.on_validation_end(trainer, None)
+
+
+def test_the_budget_holds_with_the_final_validation_and_every_reader_gets_one_figure(tmp_path):
+    clock = FakeClock()
+    said: list[str] = []
+    budget = 0.1  # 360 device-seconds; 2 devices x 9 s = 18 device-seconds a step
+    monitor = ComputeMonitor(
+        1, 1, log_every=1, budget_gpu_hours=budget, clock=clock, log=said.append, final_validation=True
+    )
+    trainer = FakeTrainer()
+    step_cost = 2 * 9.0 / 3600
+    while not trainer.should_stop:
+        run_steps(monitor, trainer, clock, steps=1, dt=9.0)
+        if trainer.global_step % 4 == 0 and not trainer.should_stop:
+            validate(monitor, trainer, clock, seconds=30.0)  # a pause: not a step's time
+    assert monitor.step_seconds == pytest.approx(9.0)  # blind to the validations
+    validate(monitor, trainer, clock, seconds=30.0)  # Lightning validates after a stop
+    monitor.on_train_end(trainer, None)
+    final = monitor.total_gpu_hours
+    assert budget - step_cost <= final <= budget  # the validation was reserved: within one step of the budget
+    clock.t += 1000.0  # the process lingers (checkpoint, exit): the figure is frozen
+    assert monitor.total_gpu_hours == final
+    state = monitor.state_dict()
+    assert (state["generator_device_seconds"] + state["trainer_device_seconds"]) / 3600 == pytest.approx(final)
+    step, logged = trainer.logger.series("compute/total_gpu_hours")[-1]
+    assert (step, logged) == (trainer.global_step, pytest.approx(final))
+    assert f"{final:.4f} GPU-hours in all, final validation included" in said[-1]
+
+
+def test_the_eta_goes_to_the_budget_when_it_comes_before_max_steps():
+    clock = FakeClock()
+    monitor = ComputeMonitor(1, 1, log_every=1, budget_gpu_hours=1.0, clock=clock)
+    trainer = FakeTrainer()
+    assert monitor.eta_seconds(0, 10_000) is None  # no step time yet
+    run_steps(monitor, trainer, clock, steps=10, dt=18.0)  # 2 x 18 s = 0.01 GPU-hours a step
+    validate(monitor, trainer, clock, seconds=600.0)
+    run_steps(monitor, trainer, clock, steps=1, dt=18.0)
+    assert monitor.step_seconds == pytest.approx(18.0)  # the validation does not swing it
+    # 1.0 - 0.11 - (600 s x 2 devices = 0.333) left: 55 steps, sooner than max_steps
+    assert monitor.eta_seconds(trainer.global_step, 10_000) == pytest.approx(55 * 18.0)
+    assert monitor.eta_seconds(trainer.global_step, 20) == pytest.approx(9 * 18.0)  # max_steps first
+
+
+def test_a_run_whose_budget_is_spent_before_its_first_step_is_refused_with_the_figures(tmp_path):
+    from types import SimpleNamespace
+
+    from streamgen.launch.checks import check_budget
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"build": {"device_seconds": 900.0, "devices": 2}}))
+    cache = SimpleNamespace(complete=True, layout=SimpleNamespace(dir=str(tmp_path)))
+    cfg = parse_config(["--source", "cache", "--train.budget_gpu_hours", "0.2"])
+    with pytest.raises(UsageError, match=r"spent 0.25 GPU-hours before its first step \(the cache's build 0.25\)"):
+        check_budget(cfg, cache)
+    check_budget(parse_config(["--source", "cache", "--train.budget_gpu_hours", "0.3"]), cache)  # fits
+    check_budget(parse_config(["--source", "cache"]), cache)  # no budget
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])
 def test_budget_must_be_positive(value):
     with pytest.raises(UsageError, match="--train.budget_gpu_hours must be"):
