@@ -163,6 +163,23 @@ def matched_budgets(runs: list[Run], fractions: tuple[float, ...] = FRACTIONS) -
     return [common * f for f in fractions]
 
 
+def budget_warnings(runs: list[Run]) -> list[str]:
+    """A line for each run with no logged point at or before the matched budget (a cache whose
+    build alone cost more, a run that logged late): it has nothing to compare there."""
+    common = min(r.gpu_hours for r in runs)
+    warnings = []
+    for r in runs:
+        first = float(r.scalars[TOTAL][1][0])
+        if first > common * (1 + 1e-9):
+            build = r.config.get("source") == "cache"
+            why = " (its cache's build alone costs more)" if build else ""
+            warnings.append(
+                f"{r.label} has no point within the matched budget of {common:.4g} GPU-hours: its first is at "
+                f"{first:.4g}{why}"
+            )
+    return warnings
+
+
 def _fmt(value: float | None, percent: float | None) -> str:
     if value is None or not math.isfinite(value):
         return "—"
@@ -179,6 +196,9 @@ def markdown(runs: list[Run], metrics: list[tuple[str, str, float | None]], frac
         lines.append(
             f"| {r.label} | {r.folder} | {r.describe()} | {r.gpu_hours:.4g} | {steps} | {seen:.0f} | {unique:.0f} |"
         )
+    warnings = budget_warnings(runs)
+    if warnings:
+        lines += ["", *(f"> **Warning**: {w}" for w in warnings)]
     lines += ["", "## At matched budgets", ""]
     lines += [
         "Each metric's last value logged at or before the budget (GPU-hours: device-hours held by the run's "
@@ -279,6 +299,8 @@ def compare(folders: list[Path], out: Path, overwrite: bool = False, fractions: 
         if labels.count(r.label) > 1:
             r.label = str(r.folder)
     metrics = compared_metrics(runs)
+    for warning in budget_warnings(runs):
+        print(f"python -m streamgen.compare: warning: {warning}", file=sys.stderr)
     fig, text = figure(runs, metrics), markdown(runs, metrics, fractions)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -170,3 +170,15 @@ def test_compare_a_finished_stream_and_cache_run_matches_their_event_files(train
                 expected = f"{100 * within[-1]:.2f}" if within else "—"
                 assert row[column] == expected, (budget, folders[j], tag)
     assert all(row[top1] != "—" and row[top5] != "—" for row in rows[-2:])  # both evaluated by the common budget
+
+
+def test_a_run_with_no_point_within_the_matched_budget_is_warned_about(tmp_path, capsys):
+    stream = fake_run(tmp_path / "runs" / "s" / "version_0", {10: 0.05, 20: 0.1}, {20: 0.2})
+    # A cache whose build alone (0.3) costs more than the stream run's whole compute.
+    cache = fake_run(tmp_path / "runs" / "c" / "version_0", {10: 0.31, 20: 0.32}, {20: 0.3}, source="cache")
+    assert main([str(stream), str(cache), "--out", str(tmp_path / "cmp")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: c/version_0 has no point within the matched budget of 0.1 GPU-hours: its first is at 0.31" in err
+    assert "its cache's build alone costs more" in err
+    assert "s/version_0 has no point" not in err
+    assert "**Warning**: c/version_0 has no point" in (tmp_path / "cmp" / TABLE).read_text()

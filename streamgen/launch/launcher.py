@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -44,7 +45,6 @@ from streamgen.stream.control import StopControl
 from streamgen.stream.heartbeat import Heartbeats, TrainerStalled, TrainerWatch
 from streamgen.stream.supervisor import SPAWN, GeneratorFailed, Supervisor
 from streamgen.stream.worker import WorkerSpec
-from streamgen.train.dashboard import dashboard_url, pinned_tags
 
 DESCRIPTION = (
     "Train a classifier from scratch on a live stream of Stable Diffusion images. "
@@ -205,8 +205,9 @@ def _children_without_interrupts():
             handlers[held[0]](held[0], None)  # raises as the launcher's own handler does
 
 
-def run(job: Job, group: NodeGroup | None = None) -> int:
-    """Run the job on this node; ``group`` joins it to the other nodes' launchers (several nodes)."""
+def run(job: Job, group: NodeGroup | None = None, argv: list[str] | None = None) -> int:
+    """Run the job on this node; ``group`` joins it to the other nodes' launchers (several nodes);
+    ``argv`` (the command line) gives the ``--resume`` command printed after an interruption."""
     cfg = job.cfg
     interrupts = _Interrupts()
     previous_sigterm = signal.signal(signal.SIGTERM, interrupts)
@@ -264,9 +265,22 @@ def run(job: Job, group: NodeGroup | None = None) -> int:
         beats.close()
         signal.signal(signal.SIGINT, previous_sigint)
         signal.signal(signal.SIGTERM, previous_sigterm)
-    if status == 0:
-        log(f"done; checkpoints in {run_dir / 'checkpoints'}")  # max_steps, or the budget, or a stop
+    if status != 0 and run_dir is not None and (run_dir / "checkpoints" / "last.ckpt").is_file():
+        log(f"to resume: {resume_command(argv if argv is not None else sys.argv[1:], run_dir)}")
     return status
+
+
+def resume_command(argv: list[str], run_dir: Path) -> str:
+    """The command line that resumes this run in its own folder: the same flags, ``--resume RUN_DIR``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return shlex.join(["python", "train.py", *kept, "--resume", str(run_dir)])
 
 
 class NoGenerators:
@@ -359,8 +373,7 @@ def _start(
     cfg = job.cfg
     if job.placement.node_rank == 0:  # the run's config: the other nodes run the same (checked at start)
         write_atomically(run_dir / "config.yaml", yaml.safe_dump(resolved_config(job), sort_keys=False))
-    pinned = pinned_tags(cfg.source == "stream", bool(cfg.train.val_dir))
-    log(f"run folder {run_dir}  (watch: tensorboard --logdir {cfg.out}, then open {dashboard_url(pinned)})")
+    log(f"run folder {run_dir}  (watch: tensorboard --logdir {cfg.out}; the config text links the pinned view)")
     _, trainer_threads = _threads_per_process(job)
     env = ddp_env(job)
     generators_since = time.monotonic()  # devices are charged from their spawn (streamgen.train.compute)
@@ -473,9 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         print("train.py: interrupted while checking the input; nothing was started", file=sys.stderr)
         return 130
     if group is None:
-        return run(job)
+        return run(job, argv=argv)
     try:
-        status = run(job, group)
+        status = run(job, group, argv)
     except BaseException as e:
         group.report_failure(f"its launcher failed ({type(e).__name__}: {e})")
         raise

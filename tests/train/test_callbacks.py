@@ -133,9 +133,30 @@ def test_a_runs_dashboard_and_log_lines(train_run, tmp_path):
     for m in lines:
         assert float(m["gen"]) > 0 and float(m["train"]) > 0 and 0 <= float(m["wait"]) <= 1
         assert 0 <= float(m["queue"]) <= 1 and float(m["lr"]) > 0 and m["eta"] != "?"
+    assert lines[-1]["eta"] == "0:00:00"
     folder = tmp_path / "runs" / "smoke" / "version_0"
     # The scalars: one step convention, no epoch, integers where they count.
     scalars = read_scalars(folder)
+    # Each validation is a line when it is computed, with the compute the dashboard has at that step.
+    said = re.findall(r"validation at step (\d+): top1=(\S+)% top5=\S+% loss=\S+ gpu_hours=(\S+)", out)
+    assert [int(step) for step, _, _ in said] == [10, 20]
+    top1 = dict(scalars["val/top1"])
+    compute = {step: value for step, value in scalars["compute/total_gpu_hours"]}  # a step's last value
+    for step, shown, hours in said:
+        assert float(shown) == pytest.approx(100 * top1[int(step)], abs=0.006)
+    assert float(said[0][2]) == pytest.approx(compute[10], abs=6e-5)
+    # The last line and the summary give the final figures: those of the dashboard's last point.
+    final = scalars["compute/total_gpu_hours"][-1]
+    assert final[0] == 20 and float(lines[-1]["gpu_hours"]) == pytest.approx(final[1], abs=6e-5)
+    summary = re.search(
+        r"done: 20 steps, (\d+) images seen \((\d+) unique\), loss \S+, val top-1 (\S+)%, (\S+) GPU-hours, wall \S+, checkpoint (\S+)",
+        out,
+    )
+    assert summary, out[-2000:]
+    assert int(summary[1]) == int(summary[2]) == scalars["data/images_seen"][-1][1]
+    assert float(summary[3]) == pytest.approx(100 * top1[20], abs=0.006)
+    assert float(summary[4]) == pytest.approx(final[1], abs=6e-5)
+    assert summary[5] == str(folder / "checkpoints" / "last.ckpt")
     assert "epoch" not in scalars and not any(tag.startswith("lr-") for tag in scalars)
     for tag in ("train/loss", "train/top1_stream", "train/lr", "stream/trainer_wait_fraction", "stream/queue_fill"):
         assert [s for s, _ in scalars[tag]] == [5, 10, 15, 20], tag
@@ -179,9 +200,10 @@ def test_a_runs_dashboard_and_log_lines(train_run, tmp_path):
     assert "peak LR is 0.1 x 8 / 256 = 0.003125" in config_text and "slots: 4" in config_text
     # The link to the Time Series page with train, stream, val pinned: printed by the launcher and
     # first in the config text; it pins only scalar tags this run wrote, in reading order.
-    printed = re.findall(r"then open (http://localhost:6006/\S+#timeseries)\)", out)
-    assert len(printed) == 1, out[:3000]
-    tags = [card["tag"] for card in pinned_cards(printed[0])]
+    # The terminal says only how to watch; the long link is in the config text.
+    assert "pinnedCards" not in out and f"watch: tensorboard --logdir {tmp_path / 'runs'}" in out
+    link = re.search(r"\]\((\?\S+#timeseries)\)", config_text.splitlines()[0])
+    tags = [card["tag"] for card in pinned_cards("http://localhost:6006/" + link[1])]
     assert tags == STREAM_WITH_VAL and set(tags) <= set(scalars)
     assert config_text.splitlines()[0].startswith("- dashboard: [") and f"]({dashboard_query(tags)})" in config_text
     # The previews: 16 captioned tiles at the stream resolution (32 px, enlarged 4x for the caption).
