@@ -25,6 +25,7 @@ from pathlib import Path
 from streamgen.config import CliParser
 from streamgen.errors import EXIT_USAGE, UsageError
 from streamgen.evaluate.benchmarks import BENCHMARKS, Benchmark, model_samples, parse_data_spec, resolve
+from streamgen.train.run_folder import last_checkpoint
 
 DEFAULT_WORKERS = 8
 
@@ -38,7 +39,10 @@ class Parser(CliParser):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = Parser(prog="eval.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a checkpoint written by train.py (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument(
+        "checkpoint",
+        help="a checkpoint written by train.py (.../checkpoints/last.ckpt), or its run folder (its last.ckpt)",
+    )
     parser.add_argument(
         "--data",
         nargs="+",
@@ -250,6 +254,7 @@ class Plan:
 def prepare(args: argparse.Namespace) -> Plan:
     """Every check, in order of cost; the model is loaded last. Raises UsageError."""
     check_numbers(args)
+    args.checkpoint = last_checkpoint(args.checkpoint, "eval.py")  # a run folder: its last.ckpt
     device = check_device(args.device)
     out = check_out(args.out)
     benchmarks = resolve_data(args.data)

@@ -29,7 +29,7 @@ from streamgen.generate.fake import FAKE
 from streamgen.generate.pipeline import resolve_model
 from streamgen.launch.cache_checks import check_cache_run
 from streamgen.launch.nodes import DEFAULT_PORT, Placement, resolve_placement
-from streamgen.launch.resume import read_checkpoint
+from streamgen.launch.resume import read_checkpoint, resolve_resume
 from streamgen.plan.classes import ClassSet, load_classes
 from streamgen.plan.prompts import PromptTemplate
 from streamgen.plan.samples import SamplePlan, UnitCursor, load_class_counts
@@ -303,6 +303,8 @@ def check_budget(cfg: RunConfig, cache: Any = None) -> None:
 def prepare(cfg: RunConfig) -> Job:
     """Every check that can fail on user input; raises UsageError, starts nothing."""
     placement = resolve_placement(cfg.dist)
+    if cfg.resume:  # a run folder: its newest last.ckpt
+        cfg.resume = resolve_resume(cfg.resume)
     check_run_folder(cfg.out, cfg.name)
     check_precision(cfg.train.precision)
     check_arch(cfg.train.arch)

@@ -41,6 +41,7 @@ from streamgen.errors import EXIT_USAGE, UsageError
 from streamgen.launch.checks import Job, check_budget, prepare
 from streamgen.launch.nodes import NodeGroup
 from streamgen.launch.rank import STOP_REASON, TrainerSpec, trainer_main
+from streamgen.launch.resume import check_resume_settings, resumed_position, run_folder_of
 from streamgen.stream.control import StopControl
 from streamgen.stream.heartbeat import Heartbeats, TrainerStalled, TrainerWatch
 from streamgen.stream.supervisor import SPAWN, GeneratorFailed, Supervisor
@@ -80,11 +81,13 @@ def ddp_env(job: Job) -> dict[str, str]:
 
 
 def _run_dir(job: Job, group: NodeGroup | None) -> Path:
-    """This run's folder: made by node 0 (the others use the same path, shared or not)."""
+    """This run's folder: made by node 0 (the others use the same path, shared or not). A resumed
+    run continues in the folder of its checkpoint (same TensorBoard version: one set of curves)."""
+    resumed = run_folder_of(job.cfg.resume) if job.cfg.resume else None
     if group is None:
-        return make_run_dir(job.cfg.out, job.cfg.name)
+        return resumed or make_run_dir(job.cfg.out, job.cfg.name)
     if group.node_rank == 0:
-        return Path(group.share("run_dir", str(make_run_dir(job.cfg.out, job.cfg.name))))
+        return Path(group.share("run_dir", str(resumed or make_run_dir(job.cfg.out, job.cfg.name))))
     run_dir = Path(group.share("run_dir"))
     run_dir.mkdir(parents=True, exist_ok=True)  # a node-local disk: the same layout there
     return run_dir
@@ -478,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv, prog="train.py", description=DESCRIPTION)  # bad flags: exit 2
         job = prepare(cfg)
+        if cfg.resume:
+            changes = check_resume_settings(cfg.resume, resolved_config(job))
+            log(f"resuming {cfg.resume} at {resumed_position(cfg.resume)}")
+            if changes:
+                log(f"changed since the checkpoint's run: {'; '.join(changes)}")
         group = join_nodes(job)
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)

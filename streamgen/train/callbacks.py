@@ -94,6 +94,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
+    # A resumed run continues in its own folder (streamgen.launch.resume): its checkpoints are there.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 # -- TensorBoard --------------------------------------------------------------------------

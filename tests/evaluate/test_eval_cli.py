@@ -91,7 +91,8 @@ def test_csv_output_and_the_plain_report(tmp_path, run_checkpoint, releases, cap
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny forward passes on a busy shared CPU
     try:
-        code = eval_cli.main([str(checkpoint), "--data", str(releases["in-r"]), "--workers", "0", "--out", str(out)])
+        run_dir = checkpoint.parent.parent  # eval.py RUN_DIR: the run folder's last.ckpt
+        code = eval_cli.main([str(run_dir), "--data", str(releases["in-r"]), "--workers", "0", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     stdout = capsys.readouterr().out
