@@ -338,60 +338,105 @@ def _checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def assert_stopped_at_budget(folder: Path, budget: float, max_steps: int) -> tuple[int, float]:
-    """The run's last logged compute reached the budget, at a checkpointed step below max_steps."""
+def assert_stopped_at_budget(folder: Path, budget: float, max_steps: int, build: float = 0.0) -> tuple[int, float]:
+    """The run stopped within its budget (final validation included), at a checkpointed step
+    below max_steps, and its checkpoint holds the dashboard's last compute figure."""
     from conftest import read_scalars
 
     total = read_scalars(folder)["compute/total_gpu_hours"]
     last_step, last_total = total[-1]
-    assert budget <= last_total < 2 * budget  # stopped at the first step at the budget, not long after
-    assert all(v < budget for _, v in total[:-1])
+    assert 0.9 * budget <= last_total <= 1.01 * budget  # the next step and the validation would not fit
     assert last_step < max_steps
     checkpoint = _checkpoint(folder / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == last_step  # saved at the step the budget stopped
+    state = checkpoint["callbacks"]["ComputeMonitor"]
+    held = (state["generator_device_seconds"] + state["trainer_device_seconds"]) / 3600
+    assert held + build == pytest.approx(last_total, rel=1e-6)  # a cache run adds its build (GPU-hours)
     return last_step, last_total
+
+
+def _final_line_gpu_hours(output: str) -> float:
+    import re
+
+    return float(re.findall(r" step=\S+ .* gpu_hours=(\S+)$", output, re.M)[-1])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_budget_stops_a_stream_and_a_cache_run_and_resume_continues_the_compute(train_run, tmp_path):
-    from conftest import read_scalars
+def test_one_compute_figure_for_a_budget_stopped_run_and_its_resume_in_the_same_folder(train_run, tmp_path):
+    """The log line, the checkpoint, compute/total_gpu_hours and compare give one figure: that of
+    the end of training, a validation after the budget stop included; resuming by folder continues it."""
+    from conftest import read_scalars, write_image_folder
 
-    budget, max_steps = 0.004, 100000  # 14.4 device-seconds: about 7 s of 1 generator + 1 trainer
-    run = train_run("--model", "fake", "--train.max_steps", str(max_steps), "--train.budget_gpu_hours", str(budget))
-    assert run.wait(240) == 0, run.output[-3000:]
-    assert f"compute budget of {budget:g} GPU-hours" in run.output
+    from streamgen.compare import main as compare_main
+    from streamgen.plan.classes import load_classes
+
+    val = write_image_folder(tmp_path / "val", load_classes("imagenet100:10").keys[:3], per_class=2)
+    budget, max_steps = 0.05, 100000  # 180 device-seconds: 90 s of 1 generator + 1 trainer, start-up included
+    args = ("--model", "fake", "--train.max_steps", str(max_steps), "--train.log_every", "10")
+    val_args = ("--train.val_dir", str(val), "--train.val_every", "25", "--train.workers", "0")
+    run = train_run(*args, *val_args, "--train.budget_gpu_hours", str(budget))
+    assert run.wait(300) == 0, run.output[-3000:]
     folder = tmp_path / "runs" / "smoke" / "version_0"
     last_step, last_total = assert_stopped_at_budget(folder, budget, max_steps)
-    state = _checkpoint(folder / "checkpoints" / "last.ckpt")["callbacks"]["ComputeMonitor"]
-    held = (state["generator_device_seconds"] + state["trainer_device_seconds"]) / 3600
-    assert held == pytest.approx(last_total, rel=0.05)
+    scalars = read_scalars(folder)
+    assert scalars["val/top1"][-1][0] == last_step  # the validation after the stop ...
+    said = f"stopped by the compute budget of {budget:g} GPU-hours (--train.budget_gpu_hours) after step {last_step}"
+    assert said in run.output
+    assert f": {last_total:.4f} GPU-hours in all, final validation included" in run.output  # ... is in the figure
+    assert _final_line_gpu_hours(run.output) == pytest.approx(last_total, abs=6e-5)  # the last log line
+    assert f"{last_total:.4f} GPU-hours, wall" in run.output  # the summary
+    assert compare_main([str(folder), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert f"| {last_total:.4g} | {last_step} |" in md  # compare's "GPU-hours so far" and steps
+    # The start-up counts from the spawn: the first logged figure holds it (step 10 of a fast fake stream).
+    first_step, first_total = scalars["compute/total_gpu_hours"][0]
+    assert first_step == 10 and first_total * 3600 / 2 > 5  # more than 5 s of wall before step 10
 
-    # Resumed with a larger budget: the accounting continues from the checkpoint's totals.
-    resumed = train_run(
-        "--model", "fake", "--train.max_steps", str(max_steps), "--train.budget_gpu_hours", str(2 * budget),
-        "--resume", str(folder / "checkpoints" / "last.ckpt"),
-    )  # fmt: skip
-    assert resumed.wait(240) == 0, resumed.output[-3000:]
-    total = read_scalars(tmp_path / "runs" / "smoke" / "version_1")["compute/total_gpu_hours"]
-    assert total[0][0] > last_step and total[0][1] > held  # continues, does not restart from 0
-    assert 2 * budget <= total[-1][1] < 3 * budget
+    # Resumed by its folder with a larger budget: the same folder, the accounting continues.
+    more = budget + 0.03
+    resumed = train_run(*args, *val_args, "--train.budget_gpu_hours", str(more), "--resume", str(folder))
+    assert resumed.wait(300) == 0, resumed.output[-3000:]
+    assert f"at step {last_step} (" in resumed.output and "train.budget_gpu_hours 0.05 -> 0.08" in resumed.output
+    assert not (tmp_path / "runs" / "smoke" / "version_1").exists()
+    total = read_scalars(folder)["compute/total_gpu_hours"]
+    after = [(s, v) for s, v in total if s > last_step]
+    assert after and after[0][1] > last_total  # continues, does not restart from 0
+    final_step, final_total = assert_stopped_at_budget(folder, more, max_steps)
+    assert _final_line_gpu_hours(resumed.output) == pytest.approx(final_total, abs=6e-5)
 
-    # A cache run: its build (by this run's 2 generators) counts, then only the trainer.
+
+@pytest.mark.long  # the cache's accounting end to end; its pieces: test_cache_run_counts_the_manifest_build...
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_cache_runs_build_counts_and_a_budget_it_used_up_is_refused(train_run, tmp_path, capsys):
+    from conftest import read_scalars
+
+    from streamgen.launch.launcher import main as train_main
+
+    budget = 0.08
     cache_dir = tmp_path / "cache"
     cache = train_run(
         "--model", "fake", "--train.budget_gpu_hours", str(budget), "--cache.dir", str(cache_dir),
-        "--cache.images", "64", config="configs/smoke_cache.yaml",
+        "--cache.images", "64", "--train.max_steps", "100000", config="configs/smoke_cache.yaml",
     )  # fmt: skip
-    assert cache.wait(300) == 0, cache.output[-3000:]
+    assert cache.wait(400) == 0, cache.output[-3000:]
     folder = tmp_path / "runs" / "smoke_cache" / "version_0"
-    step, _ = assert_stopped_at_budget(folder, budget, max_steps=2000)
     build = json.loads((cache_dir / "manifest.json").read_text())["build"]["device_seconds"] / 3600
+    step, total = assert_stopped_at_budget(folder, budget, max_steps=100000, build=build)
     scalars = read_scalars(folder)
     assert all(v == pytest.approx(build) for _, v in scalars["compute/generator_gpu_hours"])
     assert scalars["data/unique_images"][-1] == (step, min(64, step * 8))
+    # The built cache costs more than a smaller budget: refused before anything starts, with the figures.
+    root = Path(__file__).resolve().parents[2]
+    small = f"{build / 2:.6f}"
+    code = train_main([
+        "--config", str(root / "configs" / "smoke_cache.yaml"), "--model", "fake", "--cache.dir", str(cache_dir),
+        "--cache.images", "64", "--out", str(tmp_path / "other"), "--train.budget_gpu_hours", small,
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"spent {build:.4g} GPU-hours before its first step (the cache's build" in err
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize(
