@@ -273,6 +273,19 @@ def run(job: Job, group: NodeGroup | None = None, argv: list[str] | None = None)
     return status
 
 
+def say_truncated_prompts(job: Job) -> None:
+    """One line when class prompts are longer than CLIP reads: SD receives them cut (the preview
+    table of the dashboard shows what it receives); the per-batch warnings are silenced."""
+    from streamgen.generate.tokens import count_truncated, load_tokenizer
+
+    cut, total = count_truncated(load_tokenizer(job.model), job.plan.template, job.plan.classes)
+    if cut:
+        log(
+            f"{cut} of {total} class prompts (--prompt {job.cfg.prompt}) are longer than CLIP's 77 tokens: "
+            "Stable Diffusion receives them truncated (the dashboard's stream/prompts table shows what it receives)"
+        )
+
+
 def resume_command(argv: list[str], run_dir: Path) -> str:
     """The command line that resumes this run in its own folder: the same flags, ``--resume RUN_DIR``."""
     kept, skip = [], False
@@ -481,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv, prog="train.py", description=DESCRIPTION)  # bad flags: exit 2
         job = prepare(cfg)
+        say_truncated_prompts(job)
         if cfg.resume:
             changes = check_resume_settings(cfg.resume, resolved_config(job))
             log(f"resuming {cfg.resume} at {resumed_position(cfg.resume)}")

@@ -262,8 +262,11 @@ class StreamMonitor(L.Callback):
         devices: dict[str, int] | None = None,
         run_config: Path | None = None,
         max_steps: int | None = None,
+        model: str | None = None,
     ) -> None:
         self.queue, self.stats, self.plan = queue, stats, plan
+        self.model = model  # its tokenizer gives the prompts as SD receives them (the preview table)
+        self._tokenizer: Any = None
         self.world, self.log_every, self.max_steps = world, log_every, max_steps
         self.devices = devices or {}
         self.run_config = run_config  # the resolved config.yaml
@@ -406,7 +409,11 @@ class StreamMonitor(L.Callback):
         images = torch.cat([i for i, _ in self._preview])[:PREVIEW_IMAGES]
         ids = torch.cat([i for _, i in self._preview])[:PREVIEW_IMAGES].numpy()
         self._preview = []
-        rows = preview_rows(self.plan, ids)
+        if self._tokenizer is None and self.model is not None:
+            from streamgen.generate.tokens import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model) or False  # False: none to load, not tried again
+        rows = preview_rows(self.plan, ids, self._tokenizer or None)
         writer = trainer.logger.experiment
         writer.add_image("stream/samples", captioned_grid(images, [r["class"] for r in rows]), step)
         writer.add_text("stream/prompts", prompt_table(rows), step)
@@ -422,10 +429,13 @@ def data_wait_seconds(datamodule) -> float:
     return 0.0
 
 
-def preview_rows(plan: SamplePlan, ids: np.ndarray) -> list[dict[str, Any]]:
-    """For each sample id: tile, id, class (its first lemma), WordNet id, scene and prompt."""
+def preview_rows(plan: SamplePlan, ids: np.ndarray, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """For each sample id: tile, id, class (its first lemma), WordNet id, scene and prompt, the
+    prompt as SD receives it (cut at CLIP's 77 tokens by ``tokenizer``, the model's own)."""
+    from streamgen.generate.tokens import received
+
     labels = plan.labels(ids)
-    prompts = plan.prompts(ids, labels)
+    prompts = received(tokenizer, plan.prompts(ids, labels))
     if plan.template.uses_background:
         from streamgen.plan.prompts import places365_scenes
 
