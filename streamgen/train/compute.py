@@ -226,6 +226,7 @@ class ComputeMonitor(L.Callback):
         self._stop_step: int | None = None
         self._probed: dict[str, int] = {}  # probe name -> the step of its result last logged by cost
         self._val_batches: int | None = None  # for the validation estimate before the first one
+        self._saved_at: float | None = None  # the clock of the last checkpoint, until the next step or validation
 
     @classmethod
     def from_config(
@@ -351,6 +352,7 @@ class ComputeMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self.images_seen += _batch_images(batch) * trainer.world_size
+        self._saved_at = None  # a step since the last checkpoint (this step's is written after this hook)
         step = trainer.global_step
         probed = self._log_probes_by_cost(trainer)  # a probe that ran since the last step
         self._time_step(paused_unmeasured=probed)
@@ -371,6 +373,7 @@ class ComputeMonitor(L.Callback):
             self.validation_seconds = max(0.0, self.clock() - self._val_started)
             self._paused += self.validation_seconds  # not a training step's time
             self._val_started = None
+            self._saved_at = None  # a checkpoint before this validation lacks its cost
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.logger is None:
             return
         self._log_compute(trainer, trainer.global_step)  # the exact compute at this evaluation, once more
@@ -384,7 +387,10 @@ class ComputeMonitor(L.Callback):
         self._log_probes_by_cost(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self.ended = self.clock()  # from here on every reader (log line, checkpoint, TensorBoard) sees this figure
+        # From here on every reader (log line, checkpoint, TensorBoard) sees this figure: that of a
+        # checkpoint written since the last step or validation (last.ckpt at the stop), else now
+        # (the checkpoint written after this, at the end of fit, then holds it too).
+        self.ended = self._saved_at if self._saved_at is not None else self.clock()
         self._log_compute(trainer, trainer.global_step)  # the run's final figures
         if self.stopped_by_budget and trainer.is_global_zero:
             self.say(
@@ -394,7 +400,8 @@ class ComputeMonitor(L.Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, **self.ledger.carried(self.now()), "images_seen": self.images_seen}
+        self._saved_at = now = self.now()  # a checkpoint holds the figure of this moment
+        return {"format": STATE_FORMAT, **self.ledger.carried(now), "images_seen": self.images_seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:

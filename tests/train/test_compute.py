@@ -290,6 +290,19 @@ def test_the_budget_holds_with_the_final_validation_and_every_reader_gets_one_fi
     assert f"{final:.4f} GPU-hours in all, final validation included" in said[-1]
 
 
+def test_a_checkpoint_written_at_the_stop_holds_the_final_figure():
+    clock = FakeClock()
+    monitor = ComputeMonitor(1, 1, log_every=1, budget_gpu_hours=0.1, clock=clock)
+    trainer = FakeTrainer()
+    run_steps(monitor, trainer, clock, steps=1000, dt=9.0)
+    saved = monitor.state_dict()  # last.ckpt at the stop step (no validation follows)
+    clock.t += 3.0  # writing it, the end of fit
+    monitor.on_train_end(trainer, None)
+    held = (saved["generator_device_seconds"] + saved["trainer_device_seconds"]) / 3600
+    assert monitor.total_gpu_hours == pytest.approx(held)
+    assert trainer.logger.series("compute/total_gpu_hours")[-1][1] == pytest.approx(held)
+
+
 def test_the_eta_goes_to_the_budget_when_it_comes_before_max_steps():
     clock = FakeClock()
     monitor = ComputeMonitor(1, 1, log_every=1, budget_gpu_hours=1.0, clock=clock)
