@@ -9,7 +9,7 @@ import yaml
 
 from streamgen.config import parse_config, to_dict
 from streamgen.errors import UsageError
-from streamgen.launch.resume import check_resume_settings, changed_settings, resolve_resume, run_folder_of
+from streamgen.launch.resume import changed_settings, check_resume_settings, resolve_resume, run_folder_of
 
 
 def run_folder(root, name="smoke", version=0, mtime=None, **config):
