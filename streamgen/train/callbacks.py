@@ -146,9 +146,12 @@ class StreamLogger(TensorBoardLogger):
         writer = self.experiment
         head = "".join(f"- {note}\n" for note in notes)
         writer.add_text("config", f"{head}\n```yaml\n{yaml.safe_dump(resolved, sort_keys=False)}```", 0)
-        exp, ssi, _ = hparams(hparam_values(resolved), dict.fromkeys(metrics, 0.0))
-        # The HPARAMS tab reads each metric's latest value from its scalar tag: the final metrics.
-        writer._get_file_writer().add_summary(exp, 0)
+        _, ssi, _ = hparams(hparam_values(resolved), dict.fromkeys(metrics, 0.0))
+        # Only the session, no experiment summary: TensorBoard then builds the HPARAMS table from every
+        # run of the logdir, each setting marked where it differs between runs (the table shows those
+        # first), with every scalar any run logged as a metric (its latest value: the final one). One
+        # run's experiment summary would stand for all, with only its own metrics (no val/top1 when
+        # it had no val set).
         writer._get_file_writer().add_summary(ssi, 0)
         writer.add_custom_scalars(layout)
 
@@ -162,14 +165,18 @@ class StreamLogger(TensorBoardLogger):
 
 
 def hparam_values(resolved: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flat ``section.key`` -> int/float/str/bool, as TensorBoard's HPARAMS plugin takes them."""
+    """Flat ``section.key`` -> int/float/str/bool, as TensorBoard's HPARAMS plugin takes them.
+
+    A null (a setting this run did not use: no cache on a stream run, no budget) is the text
+    'None', so that every run of a logdir has every key and TensorBoard marks a setting as
+    differing (its table shows those first) where one run has it and another has not."""
     flat: dict[str, Any] = {}
     for key, value in resolved.items():
         if isinstance(value, dict):
             flat.update(hparam_values(value, f"{prefix}{key}."))
         elif isinstance(value, (bool, int, float, str)):
             flat[prefix + key] = value
-        elif value is not None:  # null: a setting this run did not use (no resume, no cache, ...)
+        else:
             flat[prefix + key] = str(value)
     return flat
 

@@ -79,9 +79,45 @@ def test_the_logger_uses_the_global_step_and_drops_epoch(tmp_path):
     assert scalars == {"train/loss": [(10, 1.5)], "stream/redraws": [(10, 3.0)]}
 
 
-def test_hparams_are_flat_and_typed():
-    flat = hparam_values({"seed": 0, "train": {"lr": 0.1, "val_dir": None, "precision": "32-true"}})
-    assert flat == {"seed": 0, "train.lr": 0.1, "train.precision": "32-true"}  # null: not used by this run
+def test_hparams_are_flat_and_typed_and_every_run_has_every_key():
+    flat = hparam_values({"seed": 0, "train": {"lr": 0.1, "budget_gpu_hours": None, "precision": "32-true"}})
+    # null (not used by this run) as 'None': a run with a budget and one without differ in it
+    assert flat == {"seed": 0, "train.lr": 0.1, "train.budget_gpu_hours": "None", "train.precision": "32-true"}
+
+
+def _hparams_experiment(logdir):
+    """The HPARAMS table's experiment as TensorBoard's own plugin computes it for ``logdir``."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    tb = backend_context.Context(
+        base_plugin.TBContext(logdir=str(logdir), multiplexer=multiplexer, data_provider=provider)
+    )
+    ctx = context.RequestContext()
+    return tb.experiment_from_metadata(
+        ctx, "", True, tb.hparams_metadata(ctx, ""), tb.hparams_from_data_provider(ctx, "", 100)
+    )
+
+
+def test_hparams_of_a_logdir_mark_what_differs_and_hold_every_runs_metrics(tmp_path):
+    for name, val, budget in (("with_val", True, 0.2), ("without", False, None)):
+        logger = StreamLogger(save_dir=str(tmp_path), name=name, version="version_0", default_hp_metric=False)
+        resolved = {"source": "stream", "prompt": "c", "train": {"budget_gpu_hours": budget, "lr": 0.1}}
+        logger.log_run(resolved, [], ["train/loss"], {})
+        logger.experiment.add_scalar("train/loss", 1.0, 1)
+        if val:
+            logger.experiment.add_scalar("val/top1", 0.5, 1)
+        logger.experiment.flush()
+    experiment = _hparams_experiment(tmp_path)
+    differs = {h.name: h.differs for h in experiment.hparam_infos}
+    assert differs == {"train.budget_gpu_hours": True, "prompt": False, "source": False, "train.lr": False}
+    assert {m.name.tag for m in experiment.metric_infos} == {"train/loss", "val/top1"}  # val/top1 of the run with val
 
 
 def test_gpu_names_follow_the_job():
@@ -188,13 +224,14 @@ def test_a_runs_dashboard_and_log_lines(train_run, tmp_path):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     hparams = {v.tag: v.metadata.plugin_data.content for v in plugins["hparams"]}
-    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hparams)
+    # No experiment summary: TensorBoard builds the table from every run of the logdir (the settings
+    # that differ first, every scalar of every run a metric, so val/top1 where any run has it).
+    assert set(hparams) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
     assert (
         start.hparams["stream.slots"].number_value == 4 and start.hparams["train.precision"].string_value == "32-true"
     )
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
-    assert {m.name.tag for m in experiment.metric_infos} >= {"train/loss", "val/top1"}
+    assert start.hparams["train.budget_gpu_hours"].string_value == "None"  # differs from a run with a budget
     assert any(v.tag == "custom_scalars__config__" for v in plugins["custom_scalars"])
     config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "peak LR is 0.1 x 8 / 256 = 0.003125" in config_text and "slots: 4" in config_text
