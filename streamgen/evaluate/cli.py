@@ -58,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=ROOT",
         help="linear probes on frozen features (the paper's Tab. 2): a transfer dataset name and your copy of it",
     )
-    parser.add_argument("--seeds", type=int, default=1, help="linear probes: validation splits (mean and std)")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="linear probes: validation splits (mean and std) (default: %(default)s)"
+    )
     parser.add_argument(
         "--crop", type=int, help="evaluation crop (default: train.crop from the checkpoint's run config.yaml, else 224)"
     )
@@ -72,10 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size",
         type=int,
         default=256,
-        help="images per forward pass; lower it if memory runs out",
+        help="images per forward pass; lower it if memory runs out (default: %(default)s)",
     )
     parser.add_argument(
-        "--workers", type=int, default=DEFAULT_WORKERS, help="data-loading processes (capped at this machine's cores)"
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help="data-loading processes, capped at this machine's cores (default: %(default)s)",
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     parser.add_argument(

@@ -38,6 +38,7 @@ import yaml
 from streamgen.cache.build import CacheBuildFailed
 from streamgen.config import parse_config, to_dict
 from streamgen.errors import EXIT_USAGE, UsageError
+from streamgen.launch import DESCRIPTION
 from streamgen.launch.checks import Job, check_budget, prepare
 from streamgen.launch.nodes import NodeGroup
 from streamgen.launch.rank import STOP_REASON, TrainerSpec, trainer_main
@@ -46,13 +47,6 @@ from streamgen.stream.control import StopControl
 from streamgen.stream.heartbeat import Heartbeats, TrainerStalled, TrainerWatch
 from streamgen.stream.supervisor import SPAWN, GeneratorFailed, Supervisor
 from streamgen.stream.worker import WorkerSpec
-
-DESCRIPTION = (
-    "Train a classifier from scratch on a live stream of Stable Diffusion images. "
-    "Start from a config in configs/ and override keys with flags; watch with "
-    "`tensorboard --logdir runs`."
-)
-
 
 # -- the launcher -----------------------------------------------------------------------------
 

@@ -389,3 +389,16 @@ def test_two_nodes_build_one_shared_cache_and_train_from_it(train_run, tmp_path,
     for r in (0, 1):
         ids = [i for _, _, _, batch in consumed_ids(run_dir / f"consumed-rank{r}.tsv") for i in batch]
         assert ids == order[r::2].tolist()
+
+
+def test_the_cache_cli_help_is_plain_text_and_a_missing_command_is_one_clear_line(capsys):
+    assert cache_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "build: make the run's cache (--cache.images or --cache.scale" in out and "``" not in out and "`" not in out
+    assert cache_main(["--config", SMOKE]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "invalid choice" not in err
+    assert err == (
+        f"python -m streamgen.cache: error: give a command first (got {SMOKE!r}): "
+        "python -m streamgen.cache {build,info,verify,export} --config FILE [--KEY VALUE ...]"
+    )
