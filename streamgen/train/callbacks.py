@@ -495,6 +495,10 @@ def captioned_grid(images: torch.Tensor, captions: list[str], nrow: int = 4, pad
 # -- the terminal -------------------------------------------------------------------------
 
 
+# No tqdm ETA or rate (they count evaluation pauses): ours comes in the postfix.
+BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}"
+
+
 class StepProgressBar(ProgressBar):
     """One bar in global steps (on a terminal) or plain lines every ``log_every`` steps.
 
@@ -546,8 +550,7 @@ class StepProgressBar(ProgressBar):
             dynamic_ncols=width_known,
             ncols=None if width_known else 80,
             nrows=None if width_known else 20,  # tqdm prints nothing on a terminal of 0 rows
-            # No tqdm ETA or rate (they count evaluation pauses): ours comes in the postfix.
-            bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}",
+            bar_format=BAR_FORMAT,
         )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:

@@ -120,6 +120,31 @@ def test_hparams_of_a_logdir_mark_what_differs_and_hold_every_runs_metrics(tmp_p
     assert {m.name.tag for m in experiment.metric_infos} == {"train/loss", "val/top1"}  # val/top1 of the run with val
 
 
+def test_the_bar_keeps_loss_wait_and_images_per_s_at_80_columns():
+    from types import SimpleNamespace
+
+    from tqdm import tqdm
+
+    from streamgen.train.callbacks import BAR_FORMAT, StepProgressBar
+    from streamgen.train.compute import ComputeMonitor
+
+    monitor = SimpleNamespace(latest={"stream/trainer_images_per_s": 12345.0, "stream/trainer_wait_fraction": 0.5})
+    compute = ComputeMonitor(4, 4, budget_gpu_hours=100.0)
+    compute.step_seconds = 0.5
+    trainer = SimpleNamespace(
+        progress_bar_metrics={"train/loss": 6.9078, "train/top1_stream": 0.001},
+        callbacks=[compute],
+        global_step=123456,
+        max_steps=500000,
+    )
+    postfix = StepProgressBar(monitor, 50, tty=False)._postfix(trainer)
+    line = tqdm.format_meter(123456, 500000, 3600.0, ncols=80, prefix="train", bar_format=BAR_FORMAT, postfix=postfix)
+    assert len(line) <= 80
+    for kept in ("loss=6.908", "wait=50%", "img/s=12345"):
+        assert kept in line, line
+    assert "eta=" in postfix and "<" not in line  # our ETA (budget or max_steps), not tqdm's
+
+
 def test_gpu_names_follow_the_job():
     assert gpu_devices(["cuda:0", "cuda:1"], [2, 3]) == {"generator0": 0, "generator1": 1, "trainer0": 2, "trainer1": 3}
     assert gpu_devices(["cpu", "cpu"], 1) == {}  # nothing on CPU
