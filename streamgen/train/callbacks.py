@@ -496,7 +496,7 @@ def captioned_grid(images: torch.Tensor, captions: list[str], nrow: int = 4, pad
 
 
 # No tqdm ETA or rate (they count evaluation pauses): ours comes in the postfix.
-BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}"
+BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"  # tqdm puts ", " before the postfix
 
 
 class StepProgressBar(ProgressBar):
