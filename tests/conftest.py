@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -266,6 +267,36 @@ def train_run(tmp_path):
     for run in runs:  # never leave a run behind, whatever the test did
         if run.proc.poll() is None:
             run.kill_group()
+
+
+NODE_FLAGS = ("--model", "fake", "--train.log_every", "2")
+NODE_SECRET = {"STREAMGEN_DIST_SECRET": "a secret the nodes of the test share"}
+
+
+def free_port_pair() -> int:
+    """A port P with P and P + 1 free (the trainers' DDP group and the launchers' store)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                with socket.socket() as b:
+                    b.bind(("127.0.0.1", port + 1))
+                    return port
+            except OSError:
+                continue
+    raise RuntimeError("no free pair of ports")
+
+
+def start_nodes(train_run, nodes: int, *args: str, port: int | None = None, extra: dict | None = None) -> list:
+    """Start `nodes` launchers of one multi-node run on this machine (node 0 at 127.0.0.1), sharing a secret."""
+    port = port or free_port_pair()
+    runs = []
+    for rank in range(nodes):
+        flags = ["--dist.nodes", str(nodes), "--dist.node_rank", str(rank)]
+        flags += ["--dist.master_addr", "127.0.0.1", "--dist.master_port", str(port)]
+        runs.append(train_run(*NODE_FLAGS, *flags, *args, *(extra or {}).get(rank, ()), env=NODE_SECRET))
+    return runs
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

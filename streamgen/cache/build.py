@@ -16,6 +16,12 @@ the folder (no new shard, no progress record: builders record every few seconds)
 ``dist.timeout`` seconds, or that the launchers' `NodeGroup` reports lost, stops the build on
 the others with one line (`CacheBuildFailed`); the shards made so far are kept.
 
+One builder at a time per folder (per node when several build): `folder_lock` takes an
+``fcntl.flock`` on ``.build.lock``; a second build names the holder and waits, then finds the
+shards made. A full disk (ENOSPC) ends the build with one line (`CacheBuildFailed`): finished
+shards are kept, the open ones' temporary files removed, ``progress.json`` keeps its last
+complete version.
+
 Device-seconds: generator devices x wall time of each build session, summed over sessions and
 nodes (a killed build keeps what it recorded at its last finished shard).
 """
@@ -23,10 +29,13 @@ nodes (a killed build keeps what it recorded at its last finished shard).
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import heapq
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -284,10 +293,75 @@ def build_cache(
     docstring); ``patience`` (``dist.timeout``) bounds its waits for the others and
     ``lost_peer`` (`NodeGroup.lost_peer`, if the launchers are joined) names a lost node sooner.
     Raises `CacheBuildFailed` when the others' shards do not come."""
+    folder = Path(spec.layout.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with folder_lock(folder, nodes, node_rank, log):
+        try:
+            return _build_locked(
+                spec,
+                worker,
+                devices,
+                slots,
+                log,
+                progress_stream,
+                spawn_guard,
+                nodes,
+                node_rank,
+                patience,
+                lost_peer,
+                **supervise,
+            )
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            kept = len(spec.layout.present())
+            raise CacheBuildFailed(
+                f"the disk of --cache.dir {folder} is full ({e.strerror}): the {kept} finished shard(s) are kept and "
+                "no file is half-written; free space and run the same command to go on"
+            ) from None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, nodes: int, node_rank: int, log: Callable[[str], None]):
+    """One builder at a time per cache folder (per node when several nodes share it): an
+    ``fcntl.flock`` on ``.build.lock``, released by the kernel however the holder ends. A
+    second build says who holds it and waits for it (then finds its shards made)."""
+    path = folder / (".build.lock" if nodes == 1 else f".build-node{node_rank}.lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            log(f"--cache.dir {folder} is being built by {holder}; waiting for it to finish (Ctrl-C to stop)")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_locked(
+    spec: CacheSpec,
+    worker: WorkerSpec,
+    devices: list[str],
+    slots: int,
+    log: Callable[[str], None],
+    progress_stream,
+    spawn_guard,
+    nodes: int,
+    node_rank: int,
+    patience: float,
+    lost_peer: Callable[[], str | None] | None,
+    **supervise: Any,
+) -> dict[str, Any]:
     me = node_rank
     layout = spec.layout
     folder = Path(layout.dir)
-    folder.mkdir(parents=True, exist_ok=True)
     owned = node_shards(list(range(layout.shards)), nodes, me)  # all shards on a single node
     sweep_temp_files(folder, set(owned))
     existing = read_manifest(folder)
@@ -354,7 +428,8 @@ def _make_shards(
         bar.close()
         supervisor.shutdown("the cache is built" if not remaining else "the build stopped", grace=2.0)
         writer.abandon()
-        progress.record()
+        with contextlib.suppress(OSError):  # a full disk: the last complete record stays
+            progress.record()
 
 
 def _peek(path: Path) -> str | None:

@@ -177,13 +177,19 @@ def differing_setting(have: dict[str, Any], want: dict[str, Any]) -> str | None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Temp file in the same folder, flush + fsync, rename, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Temp file in the same folder (a name of this process alone: two writers never share one),
+    flush + fsync, rename, fsync the folder. A failed write (a full disk) removes its temp file:
+    ``path`` keeps its last complete version."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -197,15 +203,61 @@ def fsync_dir(folder: Path) -> None:
 
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         raise UsageError(f"{path} is unreadable ({e}); delete the cache folder to rebuild it") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is not a streamgen cache file (not a JSON object); delete it to rebuild the cache")
+    return data
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    return read_json(Path(folder) / MANIFEST)
+    """The manifest, checked to hold a layout and one entry per shard (else UsageError), or None."""
+    path = Path(folder) / MANIFEST
+    manifest = read_json(path)
+    if manifest is None:
+        return None
+    try:
+        m = manifest["layout"]
+        layout = Layout(str(folder), *(_positive(m[k]) for k in ("images", "unit_size", "resolution", "shard_units")))
+        shards = manifest["shards"]
+        ok = isinstance(shards, list) and len(shards) == layout.shards
+        ok = ok and all(isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in shards)
+        ok = ok and [e.get("name") for e in shards] == [layout.shard_name(s) for s in range(layout.shards)]
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UsageError(f"{path} is not a valid cache manifest (layout or shard list damaged); delete it to rebuild")
+    return manifest
+
+
+def _positive(value: Any) -> int:
+    if type(value) is not int or value < 1:
+        raise ValueError(value)
+    return value
+
+
+def manifest_layout(folder: str | Path, manifest: dict[str, Any]) -> Layout:
+    m = manifest["layout"]
+    return Layout(str(folder), m["images"], m["unit_size"], m["resolution"], m["shard_units"])
+
+
+class CacheDamaged(UsageError):
+    """A shard of a finished cache differs from what its build wrote (size, checksum, labels)."""
+
+
+def check_shard_sizes(layout: Layout) -> None:
+    """Every shard exists at its full size (cheap: one stat a shard), else `CacheDamaged`."""
+    for s in range(layout.shards):
+        size, want = _size(layout.shard_path(s)), layout.shard_nbytes(s)
+        if size != want:
+            what = "missing" if size < 0 else f"{size} bytes, not {want}"
+            raise CacheDamaged(
+                f"{layout.shard_path(s)} is {what}: the cache is damaged; delete that shard and build again "
+                "to remake it (python -m streamgen.cache build, same flags)"
+            )
 
 
 def read_progress(folder: str | Path) -> dict[str, Any] | None:
@@ -279,8 +331,12 @@ def _check_room(layout: Layout, folder: Path) -> None:
         raise UsageError(f"--cache.dir {folder}: {base} is a file, so no folder can be made there; pick another")
     if not os.access(base, os.W_OK | os.X_OK):
         raise UsageError(f"--cache.dir {folder}: {base} is not writable; pick a folder you can write to")
-    needed = sum(layout.shard_nbytes(s) for s in layout.missing())
     free = shutil.disk_usage(base).free
+    # The whole cache first (arithmetic, no stat): a cache far too big is refused at once,
+    # before one stat per shard (10^12 images: millions of shards) is spent on it.
+    needed = layout.total_nbytes()
+    if needed > free and folder.is_dir() and any(folder.glob("shard-*.bin")):
+        needed = sum(layout.shard_nbytes(s) for s in layout.missing())
     if needed > free:
         raise UsageError(
             f"--cache.dir {folder}: the cache needs {needed / 2**30:.2f} GiB more but {base} has "

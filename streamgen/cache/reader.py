@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamgen.cache.layout import Layout, read_manifest
+from streamgen.cache.layout import CacheDamaged, Layout, check_shard_sizes, manifest_layout, read_manifest
 from streamgen.plan.samples import hash_ids
 
 _EPOCH_ORDER = 5  # a hash stream of its own, apart from the plan's (1..4)
@@ -45,11 +45,16 @@ def steps_per_epoch(images: int, world: int, batch_size: int) -> int:
 
 
 class CacheReader:
-    """Memory maps over every shard of a finished cache."""
+    """Memory maps over every shard of a finished cache.
 
-    def __init__(self, layout: Layout, pin: bool = False) -> None:
+    Opening checks every shard's size (a truncated one is `CacheDamaged`, not an mmap error)
+    and, given ``classes``, that every label is a class of the run (a flipped label byte would
+    otherwise be an IndexError deep in the loss)."""
+
+    def __init__(self, layout: Layout, pin: bool = False, classes: int | None = None) -> None:
         self.layout, self.pin = layout, pin
         lay = layout
+        check_shard_sizes(lay)
         self._images: list[np.memmap] = []
         labels, ids = [], []
         for s in range(lay.shards):
@@ -59,15 +64,19 @@ class CacheReader:
             ids.append(np.fromfile(path, np.int64, n, offset=n * (lay.image_bytes + 8)))
         self.labels = np.concatenate(labels)
         self.ids = np.concatenate(ids)
+        if classes is not None and len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= classes):
+            shard = int(np.flatnonzero((self.labels < 0) | (self.labels >= classes))[0]) // lay.shard_size
+            raise CacheDamaged(
+                f"{lay.shard_path(shard)} holds a label outside 0..{classes - 1}: delete that shard and build "
+                "again to remake it (python -m streamgen.cache build, same flags)"
+            )
 
     @classmethod
-    def open(cls, folder: str | Path, pin: bool = False) -> CacheReader:
+    def open(cls, folder: str | Path, pin: bool = False, classes: int | None = None) -> CacheReader:
         manifest = read_manifest(folder)
         if manifest is None:
             raise FileNotFoundError(f"{folder} holds no finished cache (no manifest.json)")
-        m = manifest["layout"]
-        layout = Layout(str(folder), m["images"], m["unit_size"], m["resolution"], m["shard_units"])
-        return cls(layout, pin)
+        return cls(manifest_layout(folder, manifest), pin, classes)
 
     def __len__(self) -> int:
         return self.layout.images

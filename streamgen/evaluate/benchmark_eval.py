@@ -19,6 +19,7 @@ Images get the standard ImageNet evaluation transform (resize the shorter side t
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,9 +75,25 @@ def load_classifier(path: str | Path, device: torch.device) -> Classifier:
         raise UsageError(f"checkpoint {path} does not exist; give a .ckpt written by train.py")
     try:
         model = Classifier.load_from_checkpoint(str(path), map_location=device, weights_only=True)
+    except pickle.UnpicklingError:  # torch's text suggests weights_only=False: never do that with it
+        raise UsageError(
+            f"{path} holds objects other than tensors and plain data: refused (unpickling them could run code; "
+            "a checkpoint written by train.py holds none)"
+        ) from None
     except Exception as e:
-        raise UsageError(f"{path} is not a streamgen classifier checkpoint ({type(e).__name__}: {e})") from None
+        raise UsageError(f"{path} is not a streamgen classifier checkpoint ({_first_reason(e)})") from None
     return model.eval()
+
+
+def _first_reason(error: Exception) -> str:
+    """One line of a loading error: the first size mismatch or missing key of a long report."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for marker in ("size mismatch", "Missing key", "Unexpected key"):
+        found = next((line for line in lines if marker in line), None)
+        if found is not None:
+            return f"its weights do not fit the network its hyper-parameters describe: {found[:300]}"
+    first = lines[0][:300] if lines else ""
+    return f"{type(error).__name__}: {first}" if "weights_only" not in first else type(error).__name__
 
 
 def training_crop(checkpoint: str | Path) -> tuple[int | None, str]:

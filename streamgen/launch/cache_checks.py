@@ -13,7 +13,8 @@ import numpy as np
 
 from streamgen.cache.layout import CacheSpec, check_cache
 from streamgen.cache.reader import steps_per_epoch
-from streamgen.config import RunConfig
+from streamgen.cache.status import check_shards, recorded_sha256
+from streamgen.config import MAX_STEPS, RunConfig
 from streamgen.errors import UsageError
 from streamgen.plan.classes import ClassSet
 
@@ -23,6 +24,7 @@ def check_cache_run(
 ) -> tuple[CacheSpec, int, dict[str, Any]]:
     """(the checked cache, batches per rank per epoch, the run meta a checkpoint must match)."""
     spec = check_cache(cfg, classes.fingerprint(), counts, len(classes))
+    check_cache_shards(spec, len(classes), cfg.cache.verify)
     batch = cfg.stream.batch_size
     steps = steps_per_epoch(spec.layout.images, world, batch)
     if steps < 1:
@@ -32,10 +34,21 @@ def check_cache_run(
         )
     if cfg.train.epochs is not None:
         cfg.train.max_steps = cfg.train.epochs * steps
+        if cfg.train.max_steps > MAX_STEPS:
+            raise UsageError(f"--train.epochs {cfg.train.epochs} x {steps} batches an epoch is beyond any run")
     meta = {**meta, "source": "cache", "images": spec.layout.images}
     if cfg.resume:
         check_cache_resume(cfg.resume, meta)
     return spec, steps, meta
+
+
+def check_cache_shards(spec: CacheSpec, classes: int, verify: bool = True) -> None:
+    """The shards already on disk are the ones their build wrote (sizes, labels, and with
+    ``verify`` their sha256): a run never trains on a corrupted cache (`CacheDamaged`, one line,
+    names the shard)."""
+    layout = spec.layout
+    sha256 = recorded_sha256(layout.dir) if verify else {}
+    check_shards(layout, sha256, classes, None if spec.complete else layout.present())
 
 
 def check_cache_resume(path: str, meta: dict[str, Any]) -> None:

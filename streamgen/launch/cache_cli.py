@@ -27,6 +27,7 @@ from streamgen.cache.layout import CacheSpec, cache_images, check_cache, layout_
 from streamgen.cache.status import info, verify
 from streamgen.config import RunConfig, parse_config
 from streamgen.errors import EXIT_USAGE, UsageError
+from streamgen.launch.cache_checks import check_cache_shards
 from streamgen.plan.classes import load_classes
 from streamgen.plan.prompts import PromptTemplate
 from streamgen.plan.samples import SamplePlan, load_class_counts
@@ -59,6 +60,7 @@ def _finished_cache(cfg: RunConfig, command: str) -> tuple[SamplePlan, CacheSpec
     if not cfg.cache.dir or read_manifest(cfg.cache.dir) is None:
         raise UsageError(f"{command}: no finished cache in --cache.dir {cfg.cache.dir}; build it first")
     spec = check_cache(cfg, classes.fingerprint(), counts, len(classes))
+    check_cache_shards(spec, len(classes))  # sizes, labels, sha256: never export a damaged cache
     return plan, spec
 
 
@@ -125,6 +127,8 @@ def cmd_info(cfg: RunConfig) -> int:
 def cmd_verify(cfg: RunConfig) -> int:
     if not cfg.cache.dir:
         raise UsageError("verify: give the cache's folder with --cache.dir")
+    if not Path(cfg.cache.dir).is_dir():
+        raise UsageError(f"verify: --cache.dir {cfg.cache.dir} is not a folder; give the folder of a built cache")
     problems = verify(cfg.cache.dir)
     for problem in problems:
         print(f"{cfg.cache.dir}: {problem}")
@@ -134,12 +138,26 @@ def cmd_verify(cfg: RunConfig) -> int:
 
 
 def cmd_export(cfg: RunConfig, target: str, fmt: str) -> int:
+    from streamgen.cache.export import partial_folder
     from streamgen.cache.reader import CacheReader
 
-    if Path(target).exists():
+    if fmt not in FORMATS:
+        raise UsageError(f"export: --format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if Path(target).exists() or Path(target).is_symlink():
         raise UsageError(f"export: --to {target} exists; give a new folder (nothing is overwritten)")
     plan, spec = _finished_cache(cfg, "export")
-    count = export(CacheReader(spec.layout), plan, target, fmt)
+    reader = CacheReader(spec.layout, classes=len(plan.classes))
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        count = export(reader, plan, target, fmt)
+    except (KeyboardInterrupt, _Terminate):  # export() has removed its partial folder
+        log(f"interrupted: nothing was exported ({partial_folder(Path(target))} removed); run it again")
+        return 130
+    except OSError as e:
+        log(f"export to {target} failed: {e.strerror or e} ({partial_folder(Path(target))} removed)")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     log(f"exported {count} samples to {target} ({fmt})")
     return 0
 
@@ -152,18 +170,18 @@ def plain_help() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     head = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], add_help=False)
-    head.add_argument("command", nargs="?")
+    head.add_argument("command", nargs="?", help=", ".join(COMMANDS))  # checked below: one line, not a usage block
     head.add_argument("--to", help="export: the folder to write (must not exist)")
-    head.add_argument("--format", choices=FORMATS, default="imagefolder", help="export: imagefolder or webdataset")
+    head.add_argument("--format", default="imagefolder", help="export: imagefolder or webdataset")
     head.add_argument("-h", "--help", action="store_true")
     known, rest = head.parse_known_args(argv)
     if known.command is None and known.help:
         print(plain_help())
         return 0
     if known.command not in COMMANDS:
-        given = f" (got {known.command!r})" if known.command is not None else ""
+        what = f"{known.command!r} is not a command" if known.command is not None else "no command"
         print(
-            f"{PROG}: error: give a command first{given}: {PROG} {{{','.join(COMMANDS)}}} --config FILE [--KEY VALUE ...]",
+            f"{PROG}: error: {what}: give one first: {PROG} {{{','.join(COMMANDS)}}} --config FILE [--KEY VALUE ...]",
             file=sys.stderr,
         )
         return EXIT_USAGE

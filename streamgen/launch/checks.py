@@ -67,7 +67,14 @@ class Job:
     def source_spec(self) -> SourceSpec:
         """What a trainer rank's source needs (`streamgen.train.source.make_datamodule`)."""
         layout = self.cache.layout if self.cache is not None else None
-        return SourceSpec(self.cfg, self.world, self.run_meta, pin=self.accelerator == "gpu", cache_layout=layout)
+        return SourceSpec(
+            self.cfg,
+            self.world,
+            self.run_meta,
+            pin=self.accelerator == "gpu",
+            cache_layout=layout,
+            classes=len(self.plan.classes),
+        )
 
 
 def cuda_device_count() -> int:
@@ -229,9 +236,13 @@ def check_run_folder(out: str, name: str) -> None:
         ) from None
 
 
-def check_resume_model(path: str, train: TrainConfig) -> None:
-    """The checkpoint's network is the one this run builds (its hyper-parameters say which)."""
-    hparams = read_checkpoint(path).get("hyper_parameters")
+def check_resume_model(path: str, train: TrainConfig, class_keys: list[str] | None = None) -> None:
+    """The checkpoint's network is the one this run builds: its hyper-parameters say which, and
+    (given the run's classes) every weight has the shape this run's network has."""
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters")
+    if class_keys is not None and isinstance(checkpoint.get("state_dict"), dict):
+        _check_weight_shapes(path, checkpoint["state_dict"], train, class_keys)
     if not isinstance(hparams, dict):
         return
     defaults = {"head": "linear"}  # checkpoints from before the t-ReX head have a linear one
@@ -242,6 +253,38 @@ def check_resume_model(path: str, train: TrainConfig) -> None:
                 f"--resume {path}: the checkpoint's network has --train.{key} {saved}, this run's {wanted}; "
                 f"resume with --train.{key} {saved}"
             )
+
+
+def _check_weight_shapes(path: str, weights: dict[str, Any], train: TrainConfig, class_keys: list[str]) -> None:
+    """Each weight of this run's network (built on the meta device: shapes, no memory) in the checkpoint, same shape."""
+    import torch
+
+    from streamgen.train.model import Classifier
+
+    with torch.device("meta"):
+        wanted = Classifier(arch=train.arch, class_keys=class_keys, head=train.head).state_dict()
+    for key, tensor in wanted.items():
+        have = weights.get(key)
+        if not isinstance(have, torch.Tensor):
+            raise UsageError(f"--resume {path}: the checkpoint holds no weight {key} of this run's network")
+        if tuple(have.shape) != tuple(tensor.shape):
+            raise UsageError(
+                f"--resume {path}: its weight {key} has shape {tuple(have.shape)}, this run's network "
+                f"{tuple(tensor.shape)} (--train.arch {train.arch}, {len(class_keys)} classes); resume with its settings"
+            )
+    extra = sorted(set(weights) - set(wanted))
+    if extra:
+        raise UsageError(f"--resume {path}: the checkpoint holds {extra[0]}, which this run's network has not")
+
+
+def check_resume_progress(path: str, max_steps: int) -> None:
+    """The checkpoint is not already at the run's end (else nothing would train)."""
+    step = read_checkpoint(path).get("global_step")
+    if isinstance(step, int) and step >= max_steps:
+        raise UsageError(
+            f"--resume {path}: the checkpoint is at step {step} and this run ends at step {max_steps} "
+            "(--train.max_steps or --train.epochs): it is finished; raise them to train on"
+        )
 
 
 def load_resume_cursors(path: str, meta: dict[str, Any]) -> list[UnitCursor]:
@@ -341,7 +384,8 @@ def prepare(cfg: RunConfig) -> Job:
     else:
         cursors = [UnitCursor(first + r, world) for r in range(cfg.trainers)]
     if cfg.resume:
-        check_resume_model(cfg.resume, cfg.train)
+        check_resume_model(cfg.resume, cfg.train, classes.keys)
+        check_resume_progress(cfg.resume, cfg.train.max_steps)
     check_budget(cfg, cache)
     job = Job(cfg, plan, model, generator_devices, accelerator, trainer_devices, cursors, meta, slots, placement)
     return dataclasses.replace(job, cache=cache, steps_per_epoch=steps_per_epoch)

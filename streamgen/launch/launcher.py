@@ -29,7 +29,6 @@ import dataclasses
 import os
 import shlex
 import signal
-import socket
 import sys
 import time
 from multiprocessing import resource_tracker
@@ -43,7 +42,7 @@ from streamgen.config import parse_config, to_dict
 from streamgen.errors import EXIT_USAGE, UsageError
 from streamgen.launch import DESCRIPTION
 from streamgen.launch.checks import Job, check_budget, prepare
-from streamgen.launch.nodes import NodeGroup
+from streamgen.launch.nodes import NodeGroup, ddp_client_env, dist_secret, serve_store
 from streamgen.launch.rank import STOP_REASON, TrainerSpec, trainer_main
 from streamgen.launch.resume import check_resume_settings, resumed_position, run_folder_of
 from streamgen.stream.control import StopControl
@@ -68,13 +67,23 @@ def make_run_dir(out: str, name: str) -> Path:
             continue  # another launcher took it first: look again
 
 
+_LOCAL_DDP_STORE = None  # a single node's DDP store, served by this launcher on 127.0.0.1
+
+
 def ddp_env(job: Job) -> dict[str, str]:
-    """Where the trainer ranks meet: node 0's address (or this machine with a free port)."""
+    """Where the trainer ranks meet: the DDP store this launcher serves on 127.0.0.1 (one node),
+    or node 0's, which its launcher serves on master_addr (`NodeGroup.join`); every rank is a
+    client of it, so no trainer listens on every interface."""
+    global _LOCAL_DDP_STORE
     if job.world == 1:
         return {}
     p = job.placement
-    addr, port = (p.master_addr, p.master_port) if p.nodes > 1 else ("127.0.0.1", _free_port())
-    return {"MASTER_ADDR": addr, "MASTER_PORT": str(port), "NODE_RANK": str(p.node_rank), "WORLD_SIZE": str(job.world)}
+    if p.nodes > 1:
+        env = ddp_client_env(p.master_addr, p.master_port, loopback=False)
+    else:
+        _LOCAL_DDP_STORE = serve_store("127.0.0.1", 0, job.cfg.dist.timeout)
+        env = ddp_client_env("127.0.0.1", _LOCAL_DDP_STORE.port, loopback=True)
+    return {**env, "NODE_RANK": str(p.node_rank), "WORLD_SIZE": str(job.world)}
 
 
 def _run_dir(job: Job, group: NodeGroup | None) -> Path:
@@ -85,7 +94,7 @@ def _run_dir(job: Job, group: NodeGroup | None) -> Path:
         return resumed or make_run_dir(job.cfg.out, job.cfg.name)
     if group.node_rank == 0:
         return Path(group.share("run_dir", str(resumed or make_run_dir(job.cfg.out, job.cfg.name))))
-    run_dir = Path(group.share("run_dir"))
+    run_dir = Path(group.share("run_dir"))  # authenticated: only a node of this run names it
     run_dir.mkdir(parents=True, exist_ok=True)  # a node-local disk: the same layout there
     return run_dir
 
@@ -94,16 +103,10 @@ def join_nodes(job: Job) -> NodeGroup | None:
     """Several nodes: meet the other launchers and check they run the same config (one line, exit 2)."""
     if job.placement.nodes == 1:
         return None
-    group = NodeGroup(job.placement, job.cfg.dist.timeout)
+    group = NodeGroup(job.placement, job.cfg.dist.timeout, dist_secret(job.cfg.out))  # no secret: refused
     log(f"node {job.placement.node_rank} of {job.placement.nodes}: joining node 0 at {job.placement.master_addr}")
     group.join(to_dict(job.cfg))
     return group
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _threads_per_process(job: Job) -> tuple[int, int]:

@@ -59,6 +59,7 @@ def trainer_main(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> 
     for name in outer:  # torchrun's / SLURM's view of the launcher, not of this rank
         del os.environ[name]
     os.environ.update(spec.env)
+    from streamgen.cache.layout import CacheDamaged
     from streamgen.train.checkpoint import CheckpointWriteError
     from streamgen.train.stream_data import StopRequested
 
@@ -73,15 +74,18 @@ def trainer_main(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> 
         raise SystemExit(1) from None
     except StopRequested:
         pass  # stopped before its first step: nothing to save
-    except CheckpointWriteError as e:
+    except (CheckpointWriteError, CacheDamaged) as e:  # a shard damaged since the launcher checked it
         print(f"\nstreamgen: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except Exception as e:
         if spec.job.world == 1 or not _lost_peer(e):
             raise
         # Another rank stopped or failed first (it said why); this one's collective broke.
-        print(f"streamgen: trainer rank {spec.rank} stopped: another rank left the group", file=sys.stderr)
-        raise SystemExit(1) from None
+        print(f"streamgen: trainer rank {spec.rank} stopped: another rank left the group", file=sys.stderr, flush=True)
+        # At once: a normal exit tears the broken process group down, which waits seconds on the
+        # lost peer; nothing is left to save (checkpoints are written atomically, the audit
+        # trail line-buffered), and the launcher's stop is then bounded by --dist.timeout.
+        os._exit(1)
 
 
 def _fit(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> None:

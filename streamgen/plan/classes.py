@@ -219,6 +219,22 @@ def _take_subset(classes: list[ClassInfo], subset: str, spec: str) -> list[Class
     return picked
 
 
+def unsafe_key(key: str) -> str | None:
+    """Why ``key`` cannot name a class, or None. A key names a folder of an export
+    (``DIR/<key>/``) and a line of files, so it must be one plain path component."""
+    if key in (".", ".."):
+        return "is a relative folder name"
+    if "/" in key or "\\" in key:
+        return "holds a path separator"
+    if Path(key).is_absolute():
+        return "is an absolute path"
+    if any(ord(ch) < 32 or ord(ch) == 127 or 0x80 <= ord(ch) < 0xA0 for ch in key):
+        return "holds a control character"
+    if len(key.encode()) > 200:
+        return "is longer than 200 bytes (a file name)"
+    return None
+
+
 def load_classes(spec: str) -> ClassSet:
     """Resolve a ``--classes`` value to a ClassSet, or raise a one-line UsageError."""
     base, subset = _split_subset(spec.strip())
@@ -229,6 +245,12 @@ def load_classes(spec: str) -> ClassSet:
         raise UsageError(f"--classes {spec}: the class list is empty")
     seen: set[str] = set()
     for c in classes:
+        why = unsafe_key(c.key)
+        if why is not None:
+            raise UsageError(
+                f"--classes {spec}: class name {c.key!r} {why}; a class name must be a plain name "
+                "(no '/', '\\', '..', absolute path or control character)"
+            )
         if c.key in seen:
             raise UsageError(f"--classes {spec}: {c.key} appears twice (each class once)")
         seen.add(c.key)

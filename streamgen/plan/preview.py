@@ -43,9 +43,22 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     return apply(RunConfig(), flat)
 
 
+MAX_ID = 2**62  # sample ids are int64 and hashed as uint64: far beyond any run
+
+
+def check_range(start: int, n: int) -> None:
+    if n < 1:
+        raise UsageError(f"--n must be at least 1 (got {n})")
+    if start < 0:
+        raise UsageError(f"--start must be a sample id >= 0 (got {start})")
+    if start + n > MAX_ID:
+        raise UsageError(f"--start {start} --n {n} go past the largest sample id (2^62 - 1)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_range(args.start, args.n)
         cfg = run_config(args)
         classes = load_classes(cfg.classes)
         counts = load_class_counts(cfg.class_counts, classes) if cfg.class_counts else None

@@ -108,10 +108,12 @@ class CacheDataModule(SourceDataModule):
         run_meta: dict[str, Any],
         crop: int,
         pin: bool = False,
+        classes: int | None = None,
         **kw: Any,
     ) -> None:
         super().__init__(rank, world, run_meta, crop, **kw)
         self.layout, self.seed, self.batch_size, self.pin = layout, seed, batch_size, pin
+        self.classes = classes  # labels range-checked when the shards are opened
         self.steps_per_epoch = steps_per_epoch(layout.images, world, batch_size)
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -122,7 +124,7 @@ class CacheDataModule(SourceDataModule):
 
     def reader(self) -> CacheReader:
         if self._reader is None:
-            self._reader = CacheReader(self.layout, pin=self.pin)
+            self._reader = CacheReader(self.layout, pin=self.pin, classes=self.classes)
         return self._reader
 
     def epoch_batches(self, epoch: int) -> np.ndarray:

@@ -27,6 +27,7 @@ class SourceSpec:
     run_meta: dict[str, Any]  # what a checkpoint must match to be resumed
     pin: bool = False  # page-locked cache batches (a GPU trainer): the device copy is asynchronous
     cache_layout: Layout | None = None  # --source cache: the checked cache
+    classes: int | None = None  # the run's class count: a cache's labels are range-checked against it
 
 
 def make_datamodule(
@@ -55,6 +56,11 @@ def make_datamodule(
     )
     if cfg.source == "cache":
         return CacheDataModule(
-            spec.cache_layout, seed=cfg.seed, batch_size=cfg.stream.batch_size, pin=spec.pin, **common
+            spec.cache_layout,
+            seed=cfg.seed,
+            batch_size=cfg.stream.batch_size,
+            pin=spec.pin,
+            classes=spec.classes,
+            **common,
         )
     return StreamDataModule(queue, order=cfg.stream.order, stop_requested=stop_requested, **common)

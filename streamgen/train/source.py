@@ -117,9 +117,7 @@ class SourceDataModule(L.LightningDataModule):
         """Every rank's position (``mine`` on this rank), for the checkpoint. Trainer.save_checkpoint
         calls state_dict on every rank, so the gather is a collective every rank joins."""
         if self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            positions: list = [None] * self.world
-            torch.distributed.all_gather_object(positions, mine)
-            return positions
+            return gather_json(mine, self.world)
         return [mine]
 
     def own_position(self, positions: list[dict[str, Any]], what: str) -> dict[str, Any]:
@@ -146,3 +144,21 @@ def trim_audit(path: Path, from_step: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def gather_json(mine: dict[str, Any], world: int) -> list[Any]:
+    """Every rank's ``mine`` (plain JSON data), gathered with tensor collectives: JSON bytes in a
+    uint8 tensor, never pickle (all_gather_object would unpickle whatever a peer sends)."""
+    import json
+
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = torch.frombuffer(bytearray(json.dumps(mine).encode()), dtype=torch.uint8).to(device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=device))
+    longest = max(int(n.item()) for n in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    chunks = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(chunks, padded)
+    return [json.loads(c[: int(n.item())].cpu().numpy().tobytes()) for c, n in zip(chunks, sizes)]

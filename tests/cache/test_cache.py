@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, ROOT, descendants
+from conftest import PYTHON, ROOT, descendants, start_nodes
 
 from streamgen.cache.layout import read_manifest
 from streamgen.cache.reader import CacheReader, epoch_order
@@ -363,7 +363,6 @@ def test_a_node_whose_cache_folder_is_not_shared_stops_with_one_line(tmp_path, f
 def test_two_nodes_build_one_shared_cache_and_train_from_it(train_run, tmp_path, fake_cache):
     """Two launchers on localhost (train.py --source cache): each node makes its own shards into
     one folder; the cache equals a single node's, bit for bit; the two ranks then read it."""
-    from test_multinode import start_nodes
 
     shared = tmp_path / "shared"
     args = ("--source", "cache", *cache_args(shared)[2:], "--trainers", "1", "--train.max_steps", "6")
@@ -399,6 +398,6 @@ def test_the_cache_cli_help_is_plain_text_and_a_missing_command_is_one_clear_lin
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "invalid choice" not in err
     assert err == (
-        f"python -m streamgen.cache: error: give a command first (got {SMOKE!r}): "
+        f"python -m streamgen.cache: error: {SMOKE!r} is not a command: give one first: "
         "python -m streamgen.cache {build,info,verify,export} --config FILE [--KEY VALUE ...]"
     )

@@ -1,39 +1,11 @@
 """Several nodes on one machine: launchers on localhost joined over gloo, as on a cluster."""
 
 import signal
-import socket
 import time
 
 import pytest
 import torch
-from conftest import read_consumed, read_scalars
-
-FAST = ("--model", "fake", "--train.log_every", "2")
-
-
-def free_port_pair() -> int:
-    """A port P with P and P + 1 free (the trainers' DDP group and the launchers' store)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            try:
-                with socket.socket() as b:
-                    b.bind(("127.0.0.1", port + 1))
-                    return port
-            except OSError:
-                continue
-    raise RuntimeError("no free pair of ports")
-
-
-def start_nodes(train_run, nodes: int, *args: str, port: int | None = None, extra: dict | None = None) -> list:
-    port = port or free_port_pair()
-    runs = []
-    for rank in range(nodes):
-        flags = ["--dist.nodes", str(nodes), "--dist.node_rank", str(rank)]
-        flags += ["--dist.master_addr", "127.0.0.1", "--dist.master_port", str(port)]
-        runs.append(train_run(*FAST, *flags, *args, *(extra or {}).get(rank, ())))
-    return runs
+from conftest import NODE_FLAGS, read_consumed, read_scalars, start_nodes
 
 
 def run_folder(tmp_path, name: str):
@@ -57,7 +29,7 @@ def test_two_nodes_consume_exactly_the_units_one_node_would(train_run, tmp_path)
     state = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["StreamDataModule"]
     assert sorted(c["rank"] for c in state["cursors"]) == [0, 1] and state["world"] == 2
 
-    one = train_run(*FAST, "--generators", "2", "--trainers", "2", "--train.max_steps", "6", "--name", "one")
+    one = train_run(*NODE_FLAGS, "--generators", "2", "--trainers", "2", "--train.max_steps", "6", "--name", "one")
     assert one.wait(300) == 0, one.output[-3000:]
     single = run_folder(tmp_path, "one")
     assert {r: [u for _, u in read_consumed(single, r)] for r in (0, 1)} == per_rank
@@ -98,6 +70,9 @@ def test_nodes_with_different_configs_are_refused_before_training(train_run, tmp
     for node in nodes:
         assert node.wait(120) == 2, node.output[-2000:]
     assert "train.lr is 0.2 there and 0.1 here" in nodes[0].output
+    assert "train.lr is 0.1 there and 0.2 here" in nodes[1].output  # node 1 says the true reason ...
+    assert "did not join" not in nodes[1].output and "c10d" not in nodes[1].output  # ... in one line
+    assert len(nodes[1].output.strip().splitlines()) <= 2, nodes[1].output  # "joining node 0", the reason
     assert not (tmp_path / "runs").exists()
 
 

@@ -11,6 +11,8 @@ from streamgen.config import DistConfig
 from streamgen.errors import UsageError
 from streamgen.launch.nodes import NodeGroup, Placement, first_difference, resolve_placement, slurm_first_host
 
+SECRET = b"a secret the nodes of the test share"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -69,7 +71,7 @@ def _join_all(configs: list[dict], port: int, timeout: float = 20) -> list:
     results: list = [None] * len(configs)
 
     def node(rank: int) -> None:
-        group = NodeGroup(Placement(len(configs), rank, "127.0.0.1", port, "flags"), timeout)
+        group = NodeGroup(Placement(len(configs), rank, "127.0.0.1", port, "flags"), timeout, SECRET)
         try:
             group.join(configs[rank])
             results[rank] = group
@@ -112,7 +114,7 @@ def test_a_node_with_another_config_is_refused_naming_the_key():
 
 @pytest.mark.timeout(60)
 def test_an_unreachable_master_is_a_clear_error_within_the_timeout():
-    group = NodeGroup(Placement(2, 1, "127.0.0.1", free_port() - 1, "flags"), timeout=2)
+    group = NodeGroup(Placement(2, 1, "127.0.0.1", free_port() - 1, "flags"), timeout=2, secret=SECRET)
     started = time.monotonic()
     with pytest.raises(UsageError, match="cannot reach node 0 at 127.0.0.1"):
         group.join({})
@@ -203,3 +205,105 @@ def test_a_trainer_rank_sheds_the_outer_launchers_variables():
 
     env = {"RANK": "1", "LOCAL_RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True", "PATH": "/bin", "NODE_RANK": "1"}
     assert without_outer_launcher(env) == {"PATH": "/bin"}
+
+
+# -- security: bound stores, authenticated launcher messages (issue 24) -----------------------
+
+
+def listening(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp writes them) listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, _, state = line.split()[1:4]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:
+                found.append(address)
+    return found
+
+
+@pytest.mark.timeout(60)
+def test_node_0_serves_both_stores_on_master_addr_only():
+    port = free_port() - 1
+    a, b = _join_all([{}, {}], port)
+    assert isinstance(a, NodeGroup) and isinstance(b, NodeGroup)
+    assert listening(port + 1) == ["0100007F"]  # the launchers' store: 127.0.0.1, not 0.0.0.0 or ::
+    assert listening(port) == ["0100007F"]  # the trainers' DDP store, served by node 0's launcher
+
+
+@pytest.mark.timeout(60)
+def test_a_foreign_store_client_without_the_secret_is_ignored_and_the_run_goes_on(capsys):
+    """A plain TCPStore client (no secret) sets the failure key, a fake beat and a run folder:
+    node 0 ignores all of it (said once, escaped) and the nodes keep their own view."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    port = free_port() - 1
+    a, b = _join_all([{}, {}], port)
+    foreign = TCPStore("127.0.0.1", port + 1, is_master=False, timeout=timedelta(seconds=5))
+    foreign.set("failed/1", "stop now \x1b[2J\x1b]0;pwned\x07")
+    foreign.set("done/1", "1")
+    foreign.set("shared/run_dir", "/tmp/elsewhere")
+    assert a.lost_peer(force=True) is None  # not stopped by the forged failure
+    b.report_failure("trainer rank 1 failed")  # ... but an authentic one still counts
+    assert a.lost_peer(force=True) == "node 1 failed: trainer rank 1 failed"
+    err = capsys.readouterr().err
+    assert "fails authentication" in err and "\x1b" not in err and "\\x1b[2J" in err
+    with pytest.raises(UsageError, match="did not publish run_dir"):  # the forged folder is never taken
+        b.timeout = 1
+        b.share("run_dir")
+
+
+@pytest.mark.timeout(60)
+def test_nodes_with_different_secrets_are_refused_naming_the_secret():
+    port = free_port() - 1
+    results: list = [None, None]
+
+    def node(rank: int, secret: bytes) -> None:
+        group = NodeGroup(Placement(2, rank, "127.0.0.1", port, "flags"), 3, secret)
+        try:
+            group.join({})
+            results[rank] = group
+        except UsageError as e:
+            results[rank] = e
+
+    threads = [threading.Thread(target=node, args=(r, s)) for r, s in ((0, b"one"), (1, b"two"))]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join(30)
+    assert all(isinstance(r, UsageError) for r in results)
+    assert "fail authentication: start every node with the same STREAMGEN_DIST_SECRET" in str(results[1])
+
+
+def test_a_run_on_several_nodes_without_a_secret_is_refused(tmp_path, capsys, monkeypatch):
+    from streamgen.launch.launcher import main
+
+    monkeypatch.delenv("STREAMGEN_DIST_SECRET", raising=False)
+    config = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+    flags = ["--dist.nodes", "2", "--dist.node_rank", "0", "--dist.master_addr", "127.0.0.1"]
+    code = main(["--config", str(config), "--model", "fake", "--out", str(tmp_path / "runs"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "needs a secret its launchers share" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_secret_comes_from_the_environment_or_a_file_under_out(tmp_path):
+    from streamgen.launch.nodes import dist_secret
+
+    assert dist_secret(str(tmp_path), {"STREAMGEN_DIST_SECRET": "abc"}) == b"abc"
+    (tmp_path / ".streamgen-secret").write_text("from-a-file\n")
+    assert dist_secret(str(tmp_path), {}) == b"from-a-file"
+
+
+@pytest.mark.timeout(60)
+def test_the_ddp_port_taken_is_refused_before_anything_is_made():
+    port = free_port() - 1
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        group = NodeGroup(Placement(2, 0, "127.0.0.1", port, "flags"), 2, SECRET)
+        with pytest.raises(UsageError, match=f"cannot listen on 127.0.0.1:{port} for the trainers' DDP group"):
+            group.join({})

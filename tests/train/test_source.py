@@ -145,3 +145,34 @@ def test_the_source_is_chosen_in_one_place(tmp_path):
     cache = make_datamodule(job.source_spec(), 0, tmp_path)
     assert type(cache) is CacheDataModule and cache.layout.images == 40
     assert not (tmp_path / "c").exists()  # the checks create nothing
+
+
+def _gather_rank(rank: int, store_path: str, out) -> None:
+    import torch.distributed as dist
+
+    from streamgen.train.source import gather_json
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, store=dist.FileStore(store_path, 2))
+    try:
+        mine = {"rank": rank, "done": list(range(rank * 40)), "text": "é" * rank}  # lengths differ by rank
+        out.put((rank, gather_json(mine, 2)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.long  # two spawned ranks; the 2-rank cache and 2-node runs exercise the same gather end to end
+@pytest.mark.timeout(180)
+def test_positions_are_gathered_by_tensor_collectives_as_json(tmp_path):
+    """Every rank gets every rank's position, through all_gather of JSON bytes (never pickle)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_gather_rank, args=(r, str(tmp_path / "store"), out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=150) for _ in procs)
+    for p in procs:
+        p.join(30)
+    want = [{"rank": r, "done": list(range(r * 40)), "text": "é" * r} for r in (0, 1)]
+    assert results == {0: want, 1: want}
