@@ -9,8 +9,8 @@ import torchvision
 from PIL import Image, ImageDraw
 from sklearn.linear_model import LogisticRegression
 
-from streamgen.errors import UsageError
 from streamgen.evaluate import probe
+from streamgen.errors import UsageError
 from streamgen.evaluate.probe import (
     backbone_features,
     check_probe_arch,
