@@ -10,6 +10,11 @@ Every config key is also a flag (``python train.py --help``). See README.md.
 import sys
 
 if __name__ == "__main__":  # spawned processes import this file: start nothing at import
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):  # the help needs no torch: it comes at once
+        from streamgen.config import parse_config
+        from streamgen.launch import DESCRIPTION
+
+        parse_config(sys.argv[1:], prog="train.py", description=DESCRIPTION)  # prints it and exits
     try:
         from streamgen.launch.launcher import main  # seconds (torch): a Ctrl-C here is no traceback either
     except KeyboardInterrupt:

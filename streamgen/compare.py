@@ -6,14 +6,18 @@ A run is a folder written by ``train.py`` (``runs/NAME/version_K``: ``config.yam
 TensorBoard event files). For each run this reads the scalars logged so far (a run that is
 still going is read as far as it got) and writes into ``--out``:
 
-- ``compare.png``: validation top-1 and top-5, linear-probe top-1 (``probe/<name>/top1``) where
-  logged, and the training loss, each against accounted compute (total GPU-hours, see
-  `streamgen.train.compute`), against images seen and against unique images; one line per run,
-  the same colour throughout, labelled by its arm (`Run.arm`: ``stream``, ``reuse 4``,
-  ``reuse auto``, ``cache 1x``) and folder;
+- ``compare.png`` (200 dpi) with ``compare.pdf`` and ``compare.svg`` beside it: validation
+  top-1 and top-5, linear-probe top-1 (``probe/<name>/top1``) and the training loss (smoothed,
+  over the faint raw curve), each logged by some run, against accounted compute (total
+  GPU-hours, see `streamgen.train.compute`) and against images seen; one colour per setting.
+  Runs are labelled by the settings that differ between them (source, cache size, prompt,
+  guidance, generator); runs of one setting that differ only in their seed are drawn as their
+  mean +- std. The compute panels mark the matched budget (a dashed line) and each cache's
+  build cost (a dotted line in its colour: training starts there);
 - ``compare.md``: a summary of each run, and each run's metrics at matched budgets: the largest
   budget every run has reached, and fractions of it; a metric "at budget B" is its last value
-  logged at or before B GPU-hours.
+  logged at or before B GPU-hours (with a mean +- std row for the seeds of one setting). A run
+  with no point within the matched budget (a cache whose build costs more) is warned about.
 
 A metric logged at step s is placed at the compute and images seen of step s: the values
 logged at s when there are any (`ComputeMonitor` logs them at every evaluation), else
@@ -37,6 +41,23 @@ import yaml
 from streamgen.errors import EXIT_USAGE, UsageError
 
 FIGURE, TABLE = "compare.png", "compare.md"
+VECTOR = ("compare.pdf", "compare.svg")  # the figure for a paper, beside the PNG
+DPI = 200
+GENERATOR = "compute/generator_gpu_hours"
+# Settings that name a run when they differ between the runs compared (dotted config keys; also
+# any replay.* key), with the word the label shows.
+LABEL_KEYS = {
+    "source": "",
+    "cache.images": "images",
+    "cache.scale": "x real size",
+    "prompt": "prompt",
+    "generator.guidance": "guidance",
+    "model": "model",
+    "generator.steps": "steps",
+    "generator.scheduler": "scheduler",
+    "generator.resolution": "resolution",
+}
+SMOOTHING = 0.8  # the training loss: exponential smoothing (TensorBoard's slider) over the faint raw curve
 TOTAL, SEEN, UNIQUE = "compute/total_gpu_hours", "data/images_seen", "data/unique_images"
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 # Metrics compared, in order: (tag, title, percent: the factor to a percentage, None for a loss).
@@ -52,6 +73,14 @@ class Run:
     config: dict[str, Any]
     scalars: dict[str, tuple[np.ndarray, np.ndarray]]  # tag -> (steps, values), by step
     x: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # tag -> {"gpu_hours", "images"}
+    setting: str = ""  # the label of its setting (the runs of one setting differ only in their seed)
+
+    @property
+    def build_gpu_hours(self) -> float | None:
+        """A cache run's build cost (its generator compute), where training starts on the x-axis."""
+        if self.config.get("source") != "cache" or GENERATOR not in self.scalars:
+            return None
+        return float(self.scalars[GENERATOR][1][0])
 
     @property
     def gpu_hours(self) -> float:
@@ -145,6 +174,55 @@ def load_run(folder: Path) -> Run:
     return run
 
 
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def label_runs(runs: list[Run]) -> None:
+    """Each run's ``setting``: the settings that differ between the runs (`LABEL_KEYS`, replay.*),
+    and its ``label``: the setting, with its seed where runs of one setting differ only in it, or
+    with its folder where nothing tells them apart."""
+    flats = [_flat(r.config) for r in runs]
+    replay = sorted({k for f in flats for k in f if k.startswith("replay.")})
+    keys = [k for k in (*LABEL_KEYS, *replay) if len({repr(f.get(k)) for f in flats}) > 1]
+    for r, f in zip(runs, flats):
+        parts = []
+        for key in keys:
+            value = f.get(key)
+            if value is None or (key.startswith("cache.") and f.get("source") != "cache"):
+                continue
+            word = LABEL_KEYS.get(key, key)
+            parts.append(
+                str(value) if not word else f"{value} {word}" if key.startswith("cache.") else f"{word} {value}"
+            )
+        r.setting = ", ".join(parts) if keys else r.label
+    for setting in {r.setting for r in runs}:
+        group = [(r, f) for r, f in zip(runs, flats) if r.setting == setting]
+        if len(group) == 1:
+            group[0][0].label = setting
+            continue
+        seeds = [f.get("seed") for _, f in group]
+        by_seed = len(set(map(repr, seeds))) == len(group)
+        for (r, _), seed in zip(group, seeds):
+            r.label = f"{setting}, seed {seed}" if by_seed else f"{setting} ({r.folder.parent.name}/{r.folder.name})"
+            if not by_seed:
+                r.setting = r.label  # not seeds of one setting: each its own line
+
+
+def settings(runs: list[Run]) -> dict[str, list[Run]]:
+    """The runs of each setting, in the order given."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.setting, []).append(r)
+    return groups
+
+
 def _images_per_step(config: dict[str, Any]) -> int:
     return int((config.get("stream") or {}).get("batch_size", 1)) * int(config.get("trainers", 1))
 
@@ -156,6 +234,13 @@ def compared_metrics(runs: list[Run]) -> list[tuple[str, str, float | None]]:
     metrics = list(VAL_METRICS)
     metrics += [(t, f"linear probe {t[len('probe/') : -len('/top1')]} top-1 (%)", 1.0) for t in probes]
     return [*metrics, LOSS]
+
+
+def plotted_metrics(
+    runs: list[Run], metrics: list[tuple[str, str, float | None]]
+) -> list[tuple[str, str, float | None]]:
+    """The metrics some run logged: the figure has no empty panel."""
+    return [m for m in metrics if any(m[0] in r.scalars for r in runs)]
 
 
 # -- at matched budgets -----------------------------------------------------------------------------
@@ -179,6 +264,23 @@ def matched_budgets(runs: list[Run], fractions: tuple[float, ...] = FRACTIONS) -
     return [common * f for f in fractions]
 
 
+def budget_warnings(runs: list[Run]) -> list[str]:
+    """A line for each run with no logged point at or before the matched budget (a cache whose
+    build alone cost more, a run that logged late): it has nothing to compare there."""
+    common = min(r.gpu_hours for r in runs)
+    warnings = []
+    for r in runs:
+        first = float(r.scalars[TOTAL][1][0])
+        if first > common * (1 + 1e-9):
+            build = r.config.get("source") == "cache"
+            why = " (its cache's build alone costs more)" if build else ""
+            warnings.append(
+                f"{r.label} ({r.folder}) has no point within the matched budget of {common:.4g} GPU-hours: its first is at "
+                f"{first:.4g}{why}"
+            )
+    return warnings
+
+
 def _fmt(value: float | None, percent: float | None) -> str:
     if value is None or not math.isfinite(value):
         return "—"
@@ -195,6 +297,9 @@ def markdown(runs: list[Run], metrics: list[tuple[str, str, float | None]], frac
         lines.append(
             f"| {r.label} | {r.folder} | {r.describe()} | {r.gpu_hours:.4g} | {steps} | {seen:.0f} | {unique:.0f} |"
         )
+    warnings = budget_warnings(runs)
+    if warnings:
+        lines += ["", *(f"> **Warning**: {w}" for w in warnings)]
     lines += ["", "## At matched budgets", ""]
     lines += [
         "Each metric's last value logged at or before the budget (GPU-hours: device-hours held by the run's "
@@ -203,7 +308,9 @@ def markdown(runs: list[Run], metrics: list[tuple[str, str, float | None]], frac
         "",
     ]
     header = ["budget (GPU-hours)", "run", "step", "images seen", *[title for _, title, _ in metrics]]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    # The run column left-aligned (names read from the left), the numbers right-aligned.
+    lines += ["| " + " | ".join(header) + " |", "|---:|:---|" + "---:|" * (len(header) - 2)]
+    groups = settings(runs)
     for budget in matched_budgets(runs, fractions):
         for r in runs:
             at = value_at_budget(r, TOTAL, budget)
@@ -216,48 +323,102 @@ def markdown(runs: list[Run], metrics: list[tuple[str, str, float | None]], frac
                 *[_fmt((value_at_budget(r, tag, budget) or (0, None))[1], pct) for tag, _, pct in metrics],
             ]
             lines.append("| " + " | ".join(cells) + " |")
+        for setting, group in groups.items():
+            if len(group) > 1:  # the seeds of one setting: their mean +- std
+                cells = [f"{budget:.4g}", f"**{setting}** (mean ± std, {len(group)} seeds)", "", ""]
+                for tag, _, pct in metrics:
+                    values = [(value_at_budget(r, tag, budget) or (0, None))[1] for r in group]
+                    cells.append(_mean_std(values, pct))
+                lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mean_std(values: list[float | None], percent: float | None) -> str:
+    """Mean +- (sample) std of every seed's value; a dash unless every seed has one."""
+    if any(v is None or not math.isfinite(v) for v in values):
+        return "—"
+    scale = percent or 1.0
+    a = np.array(values, dtype=np.float64) * scale
+    digits = 2 if percent else 4
+    return f"{a.mean():.{digits}f} ± {a.std(ddof=1):.{digits}f}"
 
 
 # -- the figure -------------------------------------------------------------------------------------
 
 
+def smoothed(values: np.ndarray, weight: float = SMOOTHING) -> np.ndarray:
+    """Exponential smoothing with TensorBoard's debiasing (its smoothing slider at ``weight``)."""
+    out, last = np.empty(len(values)), 0.0
+    for i, v in enumerate(values):
+        last = weight * last + (1 - weight) * v
+        out[i] = last / (1 - weight ** (i + 1))
+    return out
+
+
+def _common_points(group: list[Run], tag: str, xkey: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (the mean over seeds), mean and std of ``tag`` at the steps every run of the group logged."""
+    having = [r for r in group if tag in r.scalars]
+    steps = sorted(set.intersection(*(set(r.scalars[tag][0].tolist()) for r in having)))
+    xs, ys = [], []
+    for r in having:
+        index = {s: i for i, s in enumerate(r.scalars[tag][0].tolist())}
+        picks = [index[s] for s in steps]
+        xs.append(r.x[tag][xkey][picks])
+        ys.append(r.scalars[tag][1][picks])
+    x, y = np.mean(xs, axis=0), np.array(ys)
+    return x, y.mean(axis=0), (y.std(axis=0, ddof=1) if len(having) > 1 else np.zeros(len(steps)))
+
+
 def figure(runs: list[Run], metrics: list[tuple[str, str, float | None]]):
+    """The figure (see the module docstring); its lines carry the setting as their label."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(metrics), 3, figsize=(17, 3.2 * len(metrics)), squeeze=False)
+    metrics = plotted_metrics(runs, metrics)
+    groups = settings(runs)
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(12, 3.2 * len(metrics)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    axes_x = (
-        ("gpu_hours", "GPU-hours (accounted compute)"),
-        ("images", "images seen"),
-        ("unique", "unique images (generated and trained on)"),
-    )
+    color = {setting: colors[i % len(colors)] for i, setting in enumerate(groups)}
+    matched = min(r.gpu_hours for r in runs)
+    axes_x = (("gpu_hours", "GPU-hours (accounted compute)"), ("images", "images seen"))
     for row, (tag, title, percent) in enumerate(metrics):
+        scale = percent or 1.0
         for col, (xkey, xlabel) in enumerate(axes_x):
             ax = axes[row][col]
-            drawn = False
-            for i, r in enumerate(runs):
-                if tag not in r.scalars:
+            for setting, group in groups.items():
+                if not any(tag in r.scalars for r in group):
                     continue
-                scale = percent or 1.0
-                ys = r.scalars[tag][1] * scale
-                marker = "o" if len(ys) <= 20 else None  # a few evaluations: show each point
-                legend = f"{r.arm}: {r.label}"
-                ax.plot(r.x[tag][xkey], ys, color=colors[i % len(colors)], marker=marker, markersize=3, label=legend)
-                drawn = True
-            if not drawn:
-                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+                c = color[setting]
+                if len(group) > 1:  # seeds of one setting: mean +- std
+                    x, mean, std = _common_points(group, tag, xkey)
+                    ax.plot(x, mean * scale, color=c, label=f"{setting} (mean of {len(group)} seeds)")
+                    ax.fill_between(x, (mean - std) * scale, (mean + std) * scale, color=c, alpha=0.2, linewidth=0)
+                    continue
+                (r,) = group
+                xs, ys = r.x[tag][xkey], r.scalars[tag][1] * scale
+                if tag == LOSS[0]:  # noisy: the smoothed curve over the faint raw one
+                    ax.plot(xs, ys, color=c, alpha=0.25, linewidth=0.8, label="_raw")
+                    ax.plot(xs, smoothed(ys), color=c, label=setting)
+                else:
+                    marker = "o" if len(ys) <= 20 else None  # a few evaluations: show each point
+                    ax.plot(xs, ys, color=c, marker=marker, markersize=3, label=setting)
+            if xkey == "gpu_hours":
+                ax.axvline(matched, color="grey", linestyle="--", linewidth=1, label="matched budget")
+                for setting, group in groups.items():
+                    build = group[0].build_gpu_hours
+                    if build is not None:
+                        ax.axvline(build, color=color[setting], linestyle=":", linewidth=1.2, label="cache build")
             ax.set_title(title)
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
-    handles = [
-        plt.Line2D([], [], color=colors[i % len(colors)], label=f"{r.arm}: {r.label}") for i, r in enumerate(runs)
-    ]
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(runs), 4), frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.2 * len(metrics))))
+    handles = [plt.Line2D([], [], color=color[s], label=s) for s in groups]
+    handles.append(plt.Line2D([], [], color="grey", linestyle="--", label="matched budget"))
+    if any(g[0].build_gpu_hours is not None for g in groups.values()):
+        handles.append(plt.Line2D([], [], color="black", linestyle=":", label="cache build cost (training starts)"))
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 4), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.2 * len(metrics))))
     return fig
 
 
@@ -265,9 +426,11 @@ def figure(runs: list[Run], metrics: list[tuple[str, str, float | None]]):
 
 
 def _atomic_write(path: Path, write) -> None:
-    """``write(file)`` into a temporary file next to ``path``, fsync, then rename over ``path``."""
+    """``write(file)`` into a temporary file next to ``path``, fsync, then rename over ``path``;
+    readable by others as any new file is (0666 less the umask), not mkstemp's 0600."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -278,10 +441,16 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file: give a folder for {FIGURE} and {TABLE}")
-    for name in (FIGURE, TABLE):
+    for name in (FIGURE, *VECTOR, TABLE):
         if (out / name).exists() and not overwrite:
             raise UsageError(f"{out / name} exists: pass --overwrite to replace it, or another --out")
     parent = out if out.exists() else next(p for p in out.parents if p.exists())
@@ -301,11 +470,16 @@ def compare(folders: list[Path], out: Path, overwrite: bool = False, fractions: 
     for r in runs:
         if labels.count(r.label) > 1:
             r.label = str(r.folder)
+    label_runs(runs)
     metrics = compared_metrics(runs)
+    for warning in budget_warnings(runs):
+        print(f"python -m streamgen.compare: warning: {warning}", file=sys.stderr)
     fig, text = figure(runs, metrics), markdown(runs, metrics, fractions)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / FIGURE, lambda f: fig.savefig(f, format="png", dpi=110))
+        _atomic_write(out / FIGURE, lambda f: fig.savefig(f, format="png", dpi=DPI))
+        for name in VECTOR:
+            _atomic_write(out / name, lambda f, kind=name.rsplit(".", 1)[1]: fig.savefig(f, format=kind))
         _atomic_write(out / TABLE, lambda f: f.write(text.encode()))
     except OSError as e:
         raise UsageError(f"cannot write in --out {out}: {e.strerror or e}") from None

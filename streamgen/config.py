@@ -453,8 +453,18 @@ def _add_flag(parser, key: str, f: dataclasses.Field, default: Any, origin: str 
         else ("{" + ",".join(choices) + "}" if choices else key.split(".")[-1].upper()),
         nargs="?" if is_bool else None,
         const="true" if is_bool else None,  # a bare boolean flag turns it on
-        help=f"{f.metadata.get('help', '')} (default: {default}{origin})",
+        help=_flag_help(f.metadata.get("help", ""), default, origin),
     )
+
+
+def _flag_help(text: str, default: Any, origin: str) -> str:
+    """The help with one default: the field's own words for an unset (None) default that it
+    describes ('default: generators/trainers + 2'), else the value."""
+    if default is None and "default:" in text:
+        return text
+    if "default:" in text:  # its own words describe the default; this config sets another value
+        return f"{text} (here: {default}{origin})"
+    return f"{text} (default: {default}{origin})"
 
 
 def _hints_of_field(key: str) -> Any:

@@ -25,6 +25,7 @@ from pathlib import Path
 from streamgen.config import CliParser
 from streamgen.errors import EXIT_USAGE, UsageError
 from streamgen.evaluate.benchmarks import BENCHMARKS, Benchmark, model_samples, parse_data_spec, resolve
+from streamgen.train.run_folder import last_checkpoint
 
 DEFAULT_WORKERS = 8
 
@@ -38,7 +39,10 @@ class Parser(CliParser):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = Parser(prog="eval.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a checkpoint written by train.py (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument(
+        "checkpoint",
+        help="a checkpoint written by train.py (.../checkpoints/last.ckpt), or its run folder (its last.ckpt)",
+    )
     parser.add_argument(
         "--data",
         nargs="+",
@@ -54,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=ROOT",
         help="linear probes on frozen features (the paper's Tab. 2): a transfer dataset name and your copy of it",
     )
-    parser.add_argument("--seeds", type=int, default=1, help="linear probes: validation splits (mean and std)")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="linear probes: validation splits (mean and std) (default: %(default)s)"
+    )
     parser.add_argument(
         "--crop", type=int, help="evaluation crop (default: train.crop from the checkpoint's run config.yaml, else 224)"
     )
@@ -68,10 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size",
         type=int,
         default=256,
-        help="images per forward pass; lower it if memory runs out",
+        help="images per forward pass; lower it if memory runs out (default: %(default)s)",
     )
     parser.add_argument(
-        "--workers", type=int, default=DEFAULT_WORKERS, help="data-loading processes (capped at this machine's cores)"
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help="data-loading processes, capped at this machine's cores (default: %(default)s)",
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     parser.add_argument(
@@ -258,6 +267,7 @@ class Plan:
 def prepare(args: argparse.Namespace) -> Plan:
     """Every check, in order of cost; the model is loaded last. Raises UsageError."""
     check_numbers(args)
+    args.checkpoint = last_checkpoint(args.checkpoint, "eval.py")  # a run folder: its last.ckpt
     device = check_device(args.device)
     out = check_out(args.out)
     benchmarks = resolve_data(args.data)

@@ -29,6 +29,7 @@ import torch
 from streamgen.config import GeneratorConfig
 from streamgen.errors import UsageError
 from streamgen.generate.pipeline import load_pipeline
+from streamgen.generate.tokens import quiet_truncation_warnings
 from streamgen.plan.samples import redraw_seed
 
 
@@ -216,6 +217,7 @@ class DiffusionGenerator:
         self.cfg, self.device, self.out_resolution = cfg, device, out_resolution
         self.batch_size = cfg.batch_size
         self.dtype = resolve_dtype(cfg.dtype, device)
+        quiet_truncation_warnings()  # said once at start-up by the launcher, not at every batch
         pipe = load_pipeline(model, self.dtype, cfg.safety_checker).to(device)
         pipe.set_progress_bar_config(disable=True)
         scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)

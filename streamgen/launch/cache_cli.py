@@ -162,6 +162,11 @@ def cmd_export(cfg: RunConfig, target: str, fmt: str) -> int:
     return 0
 
 
+def plain_help() -> str:
+    """The module docstring as a terminal shows it: no reStructuredText markup."""
+    return __doc__.replace("``", "").replace("`", "").strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     head = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], add_help=False)
@@ -170,20 +175,21 @@ def main(argv: list[str] | None = None) -> int:
     head.add_argument("--format", default="imagefolder", help="export: imagefolder or webdataset")
     head.add_argument("-h", "--help", action="store_true")
     known, rest = head.parse_known_args(argv)
-    if known.command is None:
-        if known.help:
-            print(__doc__)
-            return 0
-        print(f"{PROG}: error: give a command: {', '.join(COMMANDS)}", file=sys.stderr)
-        return EXIT_USAGE
+    if known.command is None and known.help:
+        print(plain_help())
+        return 0
     if known.command not in COMMANDS:
-        print(f"{PROG}: error: {known.command!r} is not a command: use {', '.join(COMMANDS)}", file=sys.stderr)
+        what = f"{known.command!r} is not a command" if known.command is not None else "no command"
+        print(
+            f"{PROG}: error: {what}: give one first: {PROG} {{{','.join(COMMANDS)}}} --config FILE [--KEY VALUE ...]",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if known.help:
         rest.append("--help")
     prog = f"{PROG} {known.command}"
     try:
-        cfg = parse_config(rest, prog=prog, description=__doc__)
+        cfg = parse_config(rest, prog=prog, description=plain_help())
         if known.command == "build":
             return cmd_build(cfg)
         if known.command == "info":

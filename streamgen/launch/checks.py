@@ -29,7 +29,7 @@ from streamgen.generate.fake import FAKE
 from streamgen.generate.pipeline import resolve_model
 from streamgen.launch.cache_checks import check_cache_run
 from streamgen.launch.nodes import DEFAULT_PORT, Placement, resolve_placement
-from streamgen.launch.resume import read_checkpoint
+from streamgen.launch.resume import read_checkpoint, resolve_resume
 from streamgen.plan.classes import ClassSet, load_classes
 from streamgen.plan.prompts import PromptTemplate
 from streamgen.plan.samples import SamplePlan, UnitCursor, load_class_counts
@@ -414,9 +414,44 @@ def load_resume_cursors(path: str, meta: dict[str, Any], cfg: RunConfig) -> list
     return cursors
 
 
+def spent_before_start(cfg: RunConfig, cache: Any = None) -> dict[str, float]:
+    """Device-seconds a run has spent before its first step: a built cache's build cost (its
+    manifest) and the compute of the checkpoint it resumes (`streamgen.train.compute`'s state)."""
+    spent: dict[str, float] = {}
+    if cache is not None and cache.complete:
+        try:
+            build = json.loads((Path(cache.layout.dir) / "manifest.json").read_text()).get("build") or {}
+            spent["the cache's build"] = float(build.get("device_seconds", 0.0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass  # the cache's own checks judge the manifest; the monitor says it once
+    if cfg.resume:
+        state = (read_checkpoint(cfg.resume).get("callbacks") or {}).get("ComputeMonitor") or {}
+        held = [state.get(k) for k in ("generator_device_seconds", "trainer_device_seconds")]
+        if all(isinstance(v, (int, float)) for v in held):
+            spent["the checkpoint it resumes"] = float(sum(held))
+    return spent
+
+
+def check_budget(cfg: RunConfig, cache: Any = None) -> None:
+    """A run that has spent its ``--train.budget_gpu_hours`` before its first step is refused, with the figures."""
+    budget = cfg.train.budget_gpu_hours
+    if budget is None:
+        return
+    spent = spent_before_start(cfg, cache)
+    total = sum(spent.values()) / 3600
+    if total >= budget:
+        parts = ", ".join(f"{what} {seconds / 3600:.4g}" for what, seconds in spent.items())
+        raise UsageError(
+            f"--train.budget_gpu_hours {budget:g}: this run has spent {total:.4g} GPU-hours before its first step "
+            f"({parts}), so no step fits; raise the budget above {total:.4g}"
+        )
+
+
 def prepare(cfg: RunConfig) -> Job:
     """Every check that can fail on user input; raises UsageError, starts nothing."""
     placement = resolve_placement(cfg.dist)
+    if cfg.resume:  # a run folder: its newest last.ckpt
+        cfg.resume = resolve_resume(cfg.resume)
     check_run_folder(cfg.out, cfg.name)
     check_precision(cfg.train.precision)
     check_arch(cfg.train.arch)
@@ -451,5 +486,6 @@ def prepare(cfg: RunConfig) -> Job:
     if cfg.resume:
         check_resume_model(cfg.resume, cfg.train, classes.keys)
         check_resume_progress(cfg.resume, cfg.train.max_steps)
+    check_budget(cfg, cache)
     job = Job(cfg, plan, model, generator_devices, accelerator, trainer_devices, cursors, meta, slots, placement)
     return dataclasses.replace(job, cache=cache, steps_per_epoch=steps_per_epoch, replay_on_device=replay_on_device)

@@ -25,7 +25,9 @@ The memory is anonymous, so nothing is left in /dev/shm however the run ends.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import shlex
 import signal
 import sys
 import time
@@ -38,21 +40,15 @@ import yaml
 from streamgen.cache.build import CacheBuildFailed
 from streamgen.config import parse_config, to_dict
 from streamgen.errors import EXIT_USAGE, UsageError
-from streamgen.launch.checks import Job, prepare
+from streamgen.launch import DESCRIPTION
+from streamgen.launch.checks import Job, check_budget, prepare
 from streamgen.launch.nodes import NodeGroup, ddp_client_env, dist_secret, serve_store
 from streamgen.launch.rank import STOP_REASON, TrainerSpec, trainer_main
+from streamgen.launch.resume import check_resume_settings, resumed_position, run_folder_of
 from streamgen.stream.control import StopControl
 from streamgen.stream.heartbeat import Heartbeats, TrainerStalled, TrainerWatch
 from streamgen.stream.supervisor import SPAWN, GeneratorFailed, Supervisor
 from streamgen.stream.worker import WorkerSpec
-from streamgen.train.dashboard import dashboard_url, pinned_tags
-
-DESCRIPTION = (
-    "Train a classifier from scratch on a live stream of Stable Diffusion images. "
-    "Start from a config in configs/ and override keys with flags; watch with "
-    "`tensorboard --logdir runs`."
-)
-
 
 # -- the launcher -----------------------------------------------------------------------------
 
@@ -91,11 +87,13 @@ def ddp_env(job: Job) -> dict[str, str]:
 
 
 def _run_dir(job: Job, group: NodeGroup | None) -> Path:
-    """This run's folder: made by node 0 (the others use the same path, shared or not)."""
+    """This run's folder: made by node 0 (the others use the same path, shared or not). A resumed
+    run continues in the folder of its checkpoint (same TensorBoard version: one set of curves)."""
+    resumed = run_folder_of(job.cfg.resume) if job.cfg.resume else None
     if group is None:
-        return make_run_dir(job.cfg.out, job.cfg.name)
+        return resumed or make_run_dir(job.cfg.out, job.cfg.name)
     if group.node_rank == 0:
-        return Path(group.share("run_dir", str(make_run_dir(job.cfg.out, job.cfg.name))))
+        return Path(group.share("run_dir", str(resumed or make_run_dir(job.cfg.out, job.cfg.name))))
     run_dir = Path(group.share("run_dir"))  # authenticated: only a node of this run names it
     run_dir.mkdir(parents=True, exist_ok=True)  # a node-local disk: the same layout there
     return run_dir
@@ -227,8 +225,9 @@ def _children_without_interrupts():
             handlers[held[0]](held[0], None)  # raises as the launcher's own handler does
 
 
-def run(job: Job, group: NodeGroup | None = None) -> int:
-    """Run the job on this node; ``group`` joins it to the other nodes' launchers (several nodes)."""
+def run(job: Job, group: NodeGroup | None = None, argv: list[str] | None = None) -> int:
+    """Run the job on this node; ``group`` joins it to the other nodes' launchers (several nodes);
+    ``argv`` (the command line) gives the ``--resume`` command printed after an interruption."""
     cfg = job.cfg
     interrupts = _Interrupts()
     previous_sigterm = signal.signal(signal.SIGTERM, interrupts)
@@ -286,9 +285,35 @@ def run(job: Job, group: NodeGroup | None = None) -> int:
         beats.close()
         signal.signal(signal.SIGINT, previous_sigint)
         signal.signal(signal.SIGTERM, previous_sigterm)
-    if status == 0:
-        log(f"done; checkpoints in {run_dir / 'checkpoints'}")  # max_steps, or the budget, or a stop
+    if status != 0 and run_dir is not None and (run_dir / "checkpoints" / "last.ckpt").is_file():
+        log(f"to resume: {resume_command(argv if argv is not None else sys.argv[1:], run_dir)}")
     return status
+
+
+def say_truncated_prompts(job: Job) -> None:
+    """One line when class prompts are longer than CLIP reads: SD receives them cut (the preview
+    table of the dashboard shows what it receives); the per-batch warnings are silenced."""
+    from streamgen.generate.tokens import count_truncated, load_tokenizer
+
+    cut, total = count_truncated(load_tokenizer(job.model), job.plan.template, job.plan.classes)
+    if cut:
+        log(
+            f"{cut} of {total} class prompts (--prompt {job.cfg.prompt}) are longer than CLIP's 77 tokens: "
+            "Stable Diffusion receives them truncated (the dashboard's stream/prompts table shows what it receives)"
+        )
+
+
+def resume_command(argv: list[str], run_dir: Path) -> str:
+    """The command line that resumes this run in its own folder: the same flags, ``--resume RUN_DIR``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return shlex.join(["python", "train.py", *kept, "--resume", str(run_dir)])
 
 
 class NoGenerators:
@@ -332,6 +357,10 @@ def _build_cache_first(job: Job, group: NodeGroup | None = None) -> None:
         lost_peer=group.lost_peer if group is not None else None,
         **supervision(cfg),
     )
+    try:  # the build's cost is known now: a budget it used up leaves no step to train
+        check_budget(cfg, dataclasses.replace(job.cache, complete=True))
+    except UsageError as e:
+        raise CacheBuildFailed(f"{e} (the cache in {cfg.cache.dir} is complete and kept for another run)") from None
     log(f"the cache in {cfg.cache.dir} is complete; training from it with {cfg.trainers} trainer(s), no generators")
 
 
@@ -377,18 +406,19 @@ def _start(
     cfg = job.cfg
     if job.placement.node_rank == 0:  # the run's config: the other nodes run the same (checked at start)
         write_atomically(run_dir / "config.yaml", yaml.safe_dump(resolved_config(job), sort_keys=False))
-    pinned = pinned_tags(cfg.source == "stream", bool(cfg.train.val_dir))
-    log(f"run folder {run_dir}  (watch: tensorboard --logdir {cfg.out}, then open {dashboard_url(pinned)})")
+    log(f"run folder {run_dir}  (watch: tensorboard --logdir {cfg.out}; the config text links the pinned view)")
     _, trainer_threads = _threads_per_process(job)
     env = ddp_env(job)
+    generators_since = time.monotonic()  # devices are charged from their spawn (streamgen.train.compute)
     with _children_without_interrupts():
         supervisor.start()
     if cfg.source == "stream":
         log(f"{cfg.generators} generator(s) on {', '.join(sorted(set(job.generator_devices)))} loading {cfg.model}")
+    held_since = (generators_since, time.monotonic())  # the trainers' devices from their spawn, just below
     for rank in range(cfg.trainers):
         rank_env = {**env, "LOCAL_RANK": str(rank)} if env else {}
         spec = TrainerSpec(
-            job.first_rank + rank, job, str(run_dir), trainer_threads, rank_env, control, beats.pulse(rank)
+            job.first_rank + rank, job, str(run_dir), trainer_threads, rank_env, control, beats.pulse(rank), held_since
         )
         p = SPAWN.Process(
             target=trainer_main,
@@ -496,6 +526,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv, prog="train.py", description=DESCRIPTION)  # bad flags: exit 2
         job = prepare(cfg)
+        say_truncated_prompts(job)
+        if cfg.resume:
+            changes = check_resume_settings(cfg.resume, resolved_config(job))
+            log(f"resuming {cfg.resume} at {resumed_position(cfg.resume)}")
+            if changes:
+                log(f"changed since the checkpoint's run: {'; '.join(changes)}")
         group = join_nodes(job)
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
@@ -505,9 +541,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     warn_about_the_budget(job)
     if group is None:
-        return run(job)
+        return run(job, argv=argv)
     try:
-        status = run(job, group)
+        status = run(job, group, argv)
     except BaseException as e:
         group.report_failure(f"its launcher failed ({type(e).__name__}: {e})")
         raise

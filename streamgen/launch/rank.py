@@ -34,6 +34,9 @@ class TrainerSpec:
     env: dict[str, str]
     control: StopControl | None = None  # the launcher's stop request: stop after this step and save
     pulse: Pulse | None = None  # this rank's heartbeat, read by the launcher's trainer watchdog
+    # When this node's generators and trainers were spawned (time.monotonic, system-wide): their
+    # devices are charged from then (streamgen.train.compute), start-up included.
+    held_since: tuple[float, float] | None = None
 
 
 def _lost_peer(error: BaseException) -> bool:
@@ -145,7 +148,15 @@ def _val_loader(spec: TrainerSpec) -> Callable[[], Any] | None:
     from streamgen.train.augment import eval_transform
 
     keys, world = spec.job.plan.classes.keys, spec.job.world
-    return partial(val_loader, t.val_dir, keys, eval_transform(t.crop), t.val_batch_size, t.workers, spec.rank, world)
+    workers = _workers(spec)
+    return partial(val_loader, t.val_dir, keys, eval_transform(t.crop), t.val_batch_size, workers, spec.rank, world)
+
+
+def _workers(spec: TrainerSpec) -> int:
+    """``train.workers``, capped at this machine's cores (as eval.py's): more only oversubscribe them."""
+    from streamgen.evaluate.cli import usable_workers
+
+    return usable_workers(spec.job.cfg.train.workers)
 
 
 def _while_waiting(spec: TrainerSpec) -> Callable[[], bool] | None:
@@ -188,10 +199,11 @@ def build_callbacks(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) 
         devices=gpu_devices(job.generator_devices, job.trainer_devices),
         run_config=Path(spec.run_dir) / "config.yaml",
         max_steps=t.max_steps,
+        model=job.model,
     )
     return [
         monitor,
-        ComputeMonitor.from_config(job.cfg, spec.run_dir),  # compute/*, data/*, --train.budget_gpu_hours
+        ComputeMonitor.from_config(job.cfg, spec.run_dir, held_since=spec.held_since),  # compute/*, data/*, budget
         StepProgressBar(monitor, t.log_every),
         *([build_probe(spec)] if t.probes else []),
         *([StopAndSave(spec.control)] if spec.control is not None else []),
@@ -217,7 +229,7 @@ def build_probe(spec: TrainerSpec):
     t = spec.job.cfg.train
     beat = spec.pulse.beat if spec.pulse is not None else None  # a probe is progress for the trainer watchdog
     return LinearProbe(
-        parse_probes(t.probes), t.probe_every, t.crop, t.probe_subset, t.val_batch_size, t.workers, beat=beat
+        parse_probes(t.probes), t.probe_every, t.crop, t.probe_subset, t.val_batch_size, _workers(spec), beat=beat
     )
 
 

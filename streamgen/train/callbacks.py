@@ -63,6 +63,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from streamgen.plan.samples import SamplePlan
 from streamgen.stream.queue import FILLED, SlotQueue
 from streamgen.stream.worker import GeneratorStats
+from streamgen.train.compute import ScoresWhileTraining
 from streamgen.train.dashboard import dashboard_query, pinned_tags
 
 PREVIEW_IMAGES = 16
@@ -93,6 +94,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
+    # A resumed run continues in its own folder (streamgen.launch.resume): its checkpoints are there.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 # -- TensorBoard --------------------------------------------------------------------------
@@ -143,9 +146,12 @@ class StreamLogger(TensorBoardLogger):
         writer = self.experiment
         head = "".join(f"- {note}\n" for note in notes)
         writer.add_text("config", f"{head}\n```yaml\n{yaml.safe_dump(resolved, sort_keys=False)}```", 0)
-        exp, ssi, _ = hparams(hparam_values(resolved), dict.fromkeys(metrics, 0.0))
-        # The HPARAMS tab reads each metric's latest value from its scalar tag: the final metrics.
-        writer._get_file_writer().add_summary(exp, 0)
+        _, ssi, _ = hparams(hparam_values(resolved), dict.fromkeys(metrics, 0.0))
+        # Only the session, no experiment summary: TensorBoard then builds the HPARAMS table from every
+        # run of the logdir, each setting marked where it differs between runs (the table shows those
+        # first), with every scalar any run logged as a metric (its latest value: the final one). One
+        # run's experiment summary would stand for all, with only its own metrics (no val/top1 when
+        # it had no val set).
         writer._get_file_writer().add_summary(ssi, 0)
         writer.add_custom_scalars(layout)
 
@@ -159,14 +165,18 @@ class StreamLogger(TensorBoardLogger):
 
 
 def hparam_values(resolved: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flat ``section.key`` -> int/float/str/bool, as TensorBoard's HPARAMS plugin takes them."""
+    """Flat ``section.key`` -> int/float/str/bool, as TensorBoard's HPARAMS plugin takes them.
+
+    A null (a setting this run did not use: no cache on a stream run, no budget) is the text
+    'None', so that every run of a logdir has every key and TensorBoard marks a setting as
+    differing (its table shows those first) where one run has it and another has not."""
     flat: dict[str, Any] = {}
     for key, value in resolved.items():
         if isinstance(value, dict):
             flat.update(hparam_values(value, f"{prefix}{key}."))
         elif isinstance(value, (bool, int, float, str)):
             flat[prefix + key] = value
-        elif value is not None:  # null: a setting this run did not use (no resume, no cache, ...)
+        else:
             flat[prefix + key] = str(value)
     return flat
 
@@ -261,8 +271,11 @@ class StreamMonitor(L.Callback):
         devices: dict[str, int] | None = None,
         run_config: Path | None = None,
         max_steps: int | None = None,
+        model: str | None = None,
     ) -> None:
         self.queue, self.stats, self.plan = queue, stats, plan
+        self.model = model  # its tokenizer gives the prompts as SD receives them (the preview table)
+        self._tokenizer: Any = None
         self.world, self.log_every, self.max_steps = world, log_every, max_steps
         self.devices = devices or {}
         self.run_config = run_config  # the resolved config.yaml
@@ -291,7 +304,7 @@ class StreamMonitor(L.Callback):
         pinned = pinned_tags(resolved["source"] == "stream", bool(train.get("val_dir")))
         notes = [
             f"dashboard: [Time Series with train, stream and val pinned first]({dashboard_query(pinned)}) "
-            f"(the launcher prints the same link: `then open http://localhost:6006/?pinnedCards=...`)",
+            f"(with `tensorboard --logdir` on the run's output folder)",
             f"learning rate: train.lr {train['lr']} is per 256 images; the global batch is {global_batch} "
             f"({stream['batch_size']} x {self.world} ranks), so the peak LR is {train['lr']} x {global_batch} / 256 "
             f"= {peak:g} (train/lr)",
@@ -405,7 +418,11 @@ class StreamMonitor(L.Callback):
         images = torch.cat([i for i, _ in self._preview])[:PREVIEW_IMAGES]
         ids = torch.cat([i for _, i in self._preview])[:PREVIEW_IMAGES].numpy()
         self._preview = []
-        rows = preview_rows(self.plan, ids)
+        if self._tokenizer is None and self.model is not None:
+            from streamgen.generate.tokens import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model) or False  # False: none to load, not tried again
+        rows = preview_rows(self.plan, ids, self._tokenizer or None)
         writer = trainer.logger.experiment
         writer.add_image("stream/samples", captioned_grid(images, [r["class"] for r in rows]), step)
         writer.add_text("stream/prompts", prompt_table(rows), step)
@@ -421,10 +438,13 @@ def data_wait_seconds(datamodule) -> float:
     return 0.0
 
 
-def preview_rows(plan: SamplePlan, ids: np.ndarray) -> list[dict[str, Any]]:
-    """For each sample id: tile, id, class (its first lemma), WordNet id, scene and prompt."""
+def preview_rows(plan: SamplePlan, ids: np.ndarray, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """For each sample id: tile, id, class (its first lemma), WordNet id, scene and prompt, the
+    prompt as SD receives it (cut at CLIP's 77 tokens by ``tokenizer``, the model's own)."""
+    from streamgen.generate.tokens import received
+
     labels = plan.labels(ids)
-    prompts = plan.prompts(ids, labels)
+    prompts = received(tokenizer, plan.prompts(ids, labels))
     if plan.template.uses_background:
         from streamgen.plan.prompts import places365_scenes
 
@@ -477,12 +497,20 @@ def captioned_grid(images: torch.Tensor, captions: list[str], nrow: int = 4, pad
 # -- the terminal -------------------------------------------------------------------------
 
 
+# No tqdm ETA or rate (they count evaluation pauses): ours comes in the postfix.
+BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"  # tqdm puts ", " before the postfix
+
+
 class StepProgressBar(ProgressBar):
     """One bar in global steps (on a terminal) or plain lines every ``log_every`` steps.
 
-    The figures come from `StreamMonitor.latest` (images/s, wait, queue, LR) and from the
-    model's progress-bar metrics (loss, top-1); GPU-hours from a callback that exposes
-    ``total_gpu_hours`` (streamgen.train.compute), when present.
+    The figures come from `StreamMonitor.latest` (images/s, wait, queue, LR), from the model's
+    progress-bar metrics (loss, top-1) and from the `streamgen.train.compute.ComputeMonitor`
+    (GPU-hours, and the ETA: to ``max_steps`` or the budget, whichever comes first, at its
+    smoothed step time, blind to evaluation pauses), when present. Each validation and probe
+    result is a line when it is computed; the end of fit prints a summary (steps, images,
+    loss, validation, GPU-hours, wall time, checkpoint). The bar keeps loss, wait and img/s
+    within 80 columns (top-1 and the ETA come after them).
     """
 
     def __init__(
@@ -495,7 +523,9 @@ class StepProgressBar(ProgressBar):
         self.clock = clock
         self._enabled = True
         self._bar = None
-        self._last_line_step = -1
+        self._last_line: tuple[int, str] | None = None  # (step, gpu_hours) of the last plain line
+        self._said_probes: dict[str, int] = {}
+        self.val: dict[str, float] = {}  # the latest validation's metrics, for the summary
 
     def disable(self) -> None:
         self._enabled = False
@@ -520,9 +550,9 @@ class StepProgressBar(ProgressBar):
             unit="step",
             file=self.stream,
             dynamic_ncols=width_known,
-            ncols=None if width_known else 120,
+            ncols=None if width_known else 80,
             nrows=None if width_known else 20,  # tqdm prints nothing on a terminal of 0 rows
-            smoothing=0.05,
+            bar_format=BAR_FORMAT,
         )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -532,15 +562,77 @@ class StepProgressBar(ProgressBar):
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix_str(self._postfix(trainer), refresh=False)
-        elif step % self.log_every == 0 or step == trainer.max_steps:
-            self._line(trainer, step)
+        elif step % self.log_every == 0 and step != trainer.max_steps and not trainer.should_stop:
+            self._line(trainer, step)  # the last step's line comes at the end, with the final figures
+        self._say_probes(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not self._enabled or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if not metrics:
+            return
+        self.val = metrics
+        shown = " ".join(
+            f"{k.removeprefix('val/')}={100 * v:.2f}%"
+            if k in ("val/top1", "val/top5")
+            else f"{k.removeprefix('val/')}={v:.4g}"
+            for k, v in metrics.items()
+            if k in ("val/top1", "val/top5", "val/loss")
+        )
+        self._say(f"validation at step {trainer.global_step}: {shown}{self._gpu_hours_text(trainer)}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix(trainer), refresh=False)
             self._bar.close()  # prints the final state once
             self._bar = None
-        elif self._enabled and trainer.global_step != self._last_line_step and trainer.global_step > 0:
-            self._line(trainer, trainer.global_step)
+        elif self._enabled and trainer.global_step > 0:
+            line = (trainer.global_step, self._gpu_hours_text(trainer))
+            if line != self._last_line:  # the final figures (a validation may have run since the last line)
+                self._line(trainer, trainer.global_step)
+        self._say_probes(trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self._enabled and trainer.is_global_zero and trainer.global_step > 0:
+            self._say(self.summary(trainer))
+
+    def summary(self, trainer: L.Trainer) -> str:
+        """The end of fit in one line: what was done, what it learnt, what it cost, where it is."""
+        f = self._figures(trainer)
+        compute = _compute(trainer)
+        parts = [f"{trainer.global_step} steps"]
+        if compute is not None:
+            parts.append(f"{compute.images_seen} images seen ({compute.unique_images} unique)")
+        parts.append(f"loss {f['loss']:.4f}")
+        if "val/top1" in self.val:
+            parts.append(f"val top-1 {100 * self.val['val/top1']:.2f}%")
+        if compute is not None:
+            parts.append(f"{compute.total_gpu_hours:.4f} GPU-hours")
+            wall = (compute.ended or compute.clock()) - min(
+                compute.ledger.started, compute.ledger.generators_started or math.inf
+            )
+            parts.append(f"wall {dt.timedelta(seconds=round(wall))}")
+        saver = getattr(trainer, "checkpoint_callback", None)
+        if saver is not None and getattr(saver, "dirpath", None):
+            parts.append(f"checkpoint {Path(saver.dirpath) / 'last.ckpt'}")
+        return "done: " + ", ".join(parts)
+
+    def _say(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(f"streamgen: {text}", file=self.stream)
+        else:
+            print(f"streamgen: {text}", file=self.stream, flush=True)
+
+    def _say_probes(self, trainer: L.Trainer) -> None:
+        """A line for each linear-probe score made since the last call."""
+        if not trainer.is_global_zero:
+            return
+        for probe in (cb for cb in trainer.callbacks if isinstance(cb, ScoresWhileTraining)):
+            for name, last in probe.last.items():
+                if self._said_probes.get(name) != last.get("step"):
+                    self._said_probes[name] = last.get("step")
+                    self._say(f"linear probe {name} at step {last.get('step')}: top-1 {float(last['top1']):.2f}%")
 
     def _figures(self, trainer: L.Trainer) -> dict[str, float]:
         shown = {k: float(v) for k, v in trainer.progress_bar_metrics.items()}
@@ -556,20 +648,25 @@ class StepProgressBar(ProgressBar):
         }
 
     def _eta(self, trainer: L.Trainer) -> str:
-        rate = self.monitor.latest.get("steps_per_s", 0.0)
-        if rate <= 0 or trainer.max_steps <= 0:
+        compute = _compute(trainer)
+        seconds = compute.eta_seconds(trainer.global_step, trainer.max_steps) if compute is not None else None
+        if seconds is None:
             return "?"
-        return str(dt.timedelta(seconds=round((trainer.max_steps - trainer.global_step) / rate)))
+        return str(dt.timedelta(seconds=round(seconds)))
+
+    def _gpu_hours_text(self, trainer: L.Trainer) -> str:
+        compute = _compute(trainer)
+        return f" gpu_hours={float(compute.total_gpu_hours):.4f}" if compute is not None else ""
 
     def _postfix(self, trainer: L.Trainer) -> str:
         f = self._figures(trainer)
-        compute = next((c for c in trainer.callbacks if hasattr(c, "total_gpu_hours")), None)
+        compute = _compute(trainer)
         uses = ""
         if compute is not None and getattr(compute, "fresh_seen", None) is not None:  # a replay buffer
             uses = f" uses={float(compute.mean_uses):.2f}"
         return (
-            f"loss={f['loss']:.3f} top1={f['top1']:.3f} img/s={f['train_img_s']:.0f} "
-            f"(gen {f['gen_img_s']:.0f}) wait={f['wait']:.0%}{uses}"
+            f"loss={f['loss']:.3f} wait={f['wait']:.0%} img/s={f['train_img_s']:.0f} "
+            f"eta={self._eta(trainer)} top1={f['top1']:.2f}{uses}"
         )
 
     def _line(self, trainer: L.Trainer, step: int) -> None:
@@ -586,13 +683,17 @@ class StepProgressBar(ProgressBar):
             f"lr={f['lr']:.6g}",
             f"eta={self._eta(trainer)}",
         ]
-        compute = next((c for c in trainer.callbacks if hasattr(c, "total_gpu_hours")), None)
-        if compute is not None:
-            fields.append(f"gpu_hours={float(compute.total_gpu_hours):.4f}")
+        compute = _compute(trainer)
         if compute is not None and getattr(compute, "fresh_seen", None) is not None:  # a replay buffer
             fields.append(f"uses={float(compute.mean_uses):.2f}")
-        print(stamp, " ".join(fields), file=self.stream, flush=True)
-        self._last_line_step = step
+        gpu_hours = self._gpu_hours_text(trainer)
+        print(stamp, " ".join(fields) + gpu_hours, file=self.stream, flush=True)
+        self._last_line = (step, gpu_hours)
+
+
+def _compute(trainer: L.Trainer):
+    """The run's compute accounting (`streamgen.train.compute.ComputeMonitor`), if it has one."""
+    return next((c for c in trainer.callbacks if hasattr(c, "total_gpu_hours")), None)
 
 
 def gpu_devices(generator_devices: list[str], trainer_devices: list[int] | int) -> dict[str, int]:

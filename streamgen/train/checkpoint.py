@@ -168,7 +168,19 @@ class StreamCheckpoint(ModelCheckpoint):
         if trainer.should_stop:
             self.save_last_now(trainer)
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        saved = self._last_global_step_saved
+        super().on_validation_end(trainer, pl_module)  # writes last.ckpt unless written at this step
+        # Written at this step before the validation (a stop, a periodic checkpoint): its compute
+        # figure lacks the validation; the end of fit writes it again.
+        self._stale_last = saved == trainer.global_step and not trainer.sanity_checking
+
     def on_train_end(self, trainer, pl_module) -> None:
+        if getattr(self, "_stale_last", False) and self._last_global_step_saved == trainer.global_step:
+            # The final figures (compute frozen by ComputeMonitor.on_train_end, which runs first:
+            # Lightning calls checkpoint callbacks last) replace those of the write before the validation.
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._stale_last = False
         self.save_last_now(trainer)  # also at max_steps when it is not a multiple of every_n_train_steps
         super().on_train_end(trainer, pl_module)
 

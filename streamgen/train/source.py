@@ -18,6 +18,7 @@ no longer needed (`_after_hand_off`, e.g. free a queue slot).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,7 @@ class SourceDataModule(L.LightningDataModule):
         if self.consumed_log is None:
             return
         if self._log_file is None:
+            trim_audit(self.consumed_log, int(line.split("\t", 1)[0]))
             self._log_file = open(self.consumed_log, "a", buffering=1)
         self._log_file.write(line + "\n")
 
@@ -128,6 +130,24 @@ class SourceDataModule(L.LightningDataModule):
         if not mine:
             raise RuntimeError(f"the checkpoint holds no {what} for rank {self.rank}")
         return mine[0]
+
+
+def trim_audit(path: Path, from_step: int) -> None:
+    """A resumed run continues in its own folder: the lines of steps it is about to redo (lost
+    since the checkpoint) are dropped first, so the audit trail holds each step once."""
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except OSError:
+        return  # a new run: nothing to trim
+    kept = [line for line in lines if line.split("\t", 1)[0].isdigit() and int(line.split("\t", 1)[0]) < from_step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def gather_json(mine: dict[str, Any], world: int) -> list[Any]:

@@ -237,9 +237,9 @@ def test_epochs_over_two_ranks_visit_every_sample_once_and_resume_exactly(train_
     assert sorted((p["rank"], p["epoch"], p["batches"]) for p in state["positions"]) == [(0, 1, 2), (1, 1, 2)]
     resumed = train_run(*args, "--name", "whole", "--resume", str(ckpt))
     assert resumed.wait(400) == 0, resumed.output[-3000:]
-    again = tmp_path / "runs" / "whole" / "version_1"
-    for r in (0, 1):
-        assert consumed_ids(again / f"consumed-rank{r}.tsv") == [row for row in rows[r] if row[0] >= 8]
+    assert not (tmp_path / "runs" / "whole" / "version_1").exists()  # it continues in its own folder
+    for r in (0, 1):  # steps 8.. redone exactly, each once in the audit trail
+        assert consumed_ids(run_dir / f"consumed-rank{r}.tsv") == rows[r]
 
 
 # -- bad input: one line, exit 2, nothing started or created ---------------------------------
@@ -388,3 +388,16 @@ def test_two_nodes_build_one_shared_cache_and_train_from_it(train_run, tmp_path,
     for r in (0, 1):
         ids = [i for _, _, _, batch in consumed_ids(run_dir / f"consumed-rank{r}.tsv") for i in batch]
         assert ids == order[r::2].tolist()
+
+
+def test_the_cache_cli_help_is_plain_text_and_a_missing_command_is_one_clear_line(capsys):
+    assert cache_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "build: make the run's cache (--cache.images or --cache.scale" in out and "``" not in out and "`" not in out
+    assert cache_main(["--config", SMOKE]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "invalid choice" not in err
+    assert err == (
+        f"python -m streamgen.cache: error: {SMOKE!r} is not a command: give one first: "
+        "python -m streamgen.cache {build,info,verify,export} --config FILE [--KEY VALUE ...]"
+    )

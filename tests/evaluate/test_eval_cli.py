@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -96,7 +97,8 @@ def test_csv_output_and_the_plain_report(tmp_path, run_checkpoint, releases, cap
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny forward passes on a busy shared CPU
     try:
-        code = eval_cli.main([str(checkpoint), "--data", str(releases["in-r"]), "--workers", "0", "--out", str(out)])
+        run_dir = checkpoint.parent.parent  # eval.py RUN_DIR: the run folder's last.ckpt
+        code = eval_cli.main([str(run_dir), "--data", str(releases["in-r"]), "--workers", "0", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     stdout = capsys.readouterr().out
@@ -205,3 +207,13 @@ def test_not_a_checkpoint(capsys, tmp_path, releases):
 def test_workers_never_exceed_the_cores():
     assert eval_cli.usable_workers(10_000) == len(os.sched_getaffinity(0))
     assert eval_cli.usable_workers(0) == 0
+
+
+def test_help_shows_each_default_once(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split()).split("options:", 1)[1]  # not the usage line
+    for option, default in (("--seeds", 1), ("--batch_size", 256), ("--workers", eval_cli.DEFAULT_WORKERS)):
+        after = re.search(rf"{option} [A-Z_]+(?:, --[a-z-]+ [A-Z_]+)? (.*?)(?= --[a-z]|$)", text)[1]  # its help
+        assert after.count("(default:") == 1 and f"(default: {default})" in after, (option, after)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import time
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, descendants, memfd_holders, read_consumed, read_scalars, shm_entries
+from conftest import PYTHON, ROOT, TrainRun, descendants, memfd_holders, read_consumed, read_scalars, shm_entries
 
 from streamgen.launch.launcher import main
 
@@ -307,20 +309,21 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_loses_no_step(train_run, tm
     step = _assert_stopped_with_last_checkpoint(run, first, shm_before)
     assert 0 < step < 1000  # written by the stop, not by a periodic checkpoint
 
-    again = train_run(
-        *args,
-        "--train.max_steps",
-        str(step + 5),
-        "--name",
-        "pre-empted",
-        "--resume",
-        str(first / "checkpoints/last.ckpt"),
-    )
-    assert again.wait(240) == 0, again.output[-3000:]
-    before, after = read_consumed(first), read_consumed(tmp_path / "runs" / "pre-empted" / "version_1")
-    assert [s for s, _ in before + after] == list(range(step + 5))  # the resumed run goes on at the next step
-    units = [u for _, u in before + after]
-    assert sorted(units) == list(range(step + 5))  # no unit lost, none twice
+    # The launcher printed the command that resumes it, ready to copy: run it (with more steps).
+    command = shlex.split(re.search(r"streamgen: to resume: (.*)", run.output)[1])
+    assert command[:2] == ["python", "train.py"] and command[-2:] == ["--resume", str(first)]
+    again = TrainRun([PYTHON, str(ROOT / "train.py"), *command[2:], "--train.max_steps", str(step + 5)], tmp_path)
+    try:
+        assert again.wait(240) == 0, again.output[-3000:]
+    finally:
+        if again.proc.poll() is None:
+            again.kill_group()
+    assert f"resuming {first / 'checkpoints' / 'last.ckpt'} at step {step} (" in again.output
+    assert f"changed since the checkpoint's run: train.max_steps 100000 -> {step + 5}" in again.output
+    assert not (tmp_path / "runs" / "pre-empted" / "version_1").exists()  # it continues in its own folder
+    rows = read_consumed(first)
+    assert [s for s, _ in rows] == list(range(step + 5))  # the resumed run goes on at the next step
+    assert sorted(u for _, u in rows) == list(range(step + 5))  # no unit lost, none twice
 
 
 @pytest.fixture
@@ -459,18 +462,17 @@ def _launcher_children(run) -> list[int]:
 
 
 def _resume_and_compare(train_run, tmp_path, args, name: str, step: int, ranks: int) -> None:
-    """Resume ``name``'s version_0 from last.ckpt for 3 more steps: the two audit trails together
-    are the uninterrupted run's (rank r of T consumes units r, r + T, ... at steps 0, 1, ...:
+    """Resume ``name``'s version_0 from last.ckpt for 3 more steps, in the same folder: its audit
+    trail is the uninterrupted run's (rank r of T consumes units r, r + T, ... at steps 0, 1, ...:
     tests/launch/test_launcher.py's two-rank and smoke runs show that order)."""
     first = tmp_path / "runs" / name / "version_0"
     again = train_run(
         *args, "--train.max_steps", str(step + 3), "--name", name, "--resume", str(first / "checkpoints/last.ckpt")
     )
     assert again.wait(300) == 0, again.output[-3000:]
-    second = first.with_name("version_1")
+    assert not first.with_name("version_1").exists()  # it continued in its own folder
     for rank in range(ranks):
-        trail = read_consumed(first, rank) + read_consumed(second, rank)
-        assert trail == [(s, s * ranks + rank) for s in range(step + 3)], rank
+        assert read_consumed(first, rank) == [(s, s * ranks + rank) for s in range(step + 3)], rank
 
 
 @pytest.mark.slow
@@ -647,17 +649,22 @@ def test_resume_continues_the_stream_exactly(train_run, tmp_path):
     ckpt = half_dir / "checkpoints" / "step0000020.ckpt"
     assert ckpt.is_file()
 
-    second = train_run(*args, "--name", "halves", "--resume", str(ckpt))
+    assert (half_dir / "checkpoints" / "last.ckpt").is_file()  # written with step 20's
+
+    # Resumed by its folder (its newest last.ckpt: step 20's), it continues in that folder.
+    second = train_run(*args, "--name", "halves", "--resume", str(half_dir))
     assert second.wait(240) == 0, second.output[-2000:]
-    resumed = read_consumed(tmp_path / "runs" / "halves" / "version_1")
-    before = [row for row in read_consumed(half_dir) if row[0] < 20]
-    assert before + resumed == expected  # no unit twice, none skipped, same order
-    # the optimiser and LR schedule continued: the final learning rates agree
+    assert f"resuming {half_dir / 'checkpoints' / 'last.ckpt'} at step 20 (160 images seen" in second.output
+    assert not (tmp_path / "runs" / "halves" / "version_1").exists()
+    # The audit trail holds each step once: the lost steps 20.. of the first part were dropped.
+    assert read_consumed(half_dir) == expected  # no unit twice, none skipped, same order
+    # the optimiser and LR schedule continued: the final learning rates agree; one set of curves
     lr_whole = read_scalars(tmp_path / "runs" / "whole" / "version_0")["train/lr"]
-    lr_resumed = read_scalars(tmp_path / "runs" / "halves" / "version_1")["train/lr"]
+    lr_resumed = read_scalars(half_dir)["train/lr"]
+    assert [s for s, _ in lr_resumed] == [5 * k for k in range(1, 9)]
     assert lr_resumed[-1] == pytest.approx(lr_whole[-1])
     a = torch.load(tmp_path / "runs" / "whole" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "runs" / "halves" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(half_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 40
 
 

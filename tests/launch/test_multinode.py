@@ -39,9 +39,10 @@ def test_two_nodes_consume_exactly_the_units_one_node_would(train_run, tmp_path)
     resumed = start_nodes(train_run, 2, *args, "--name", "two", "--resume", str(ckpt))
     for node in resumed:
         assert node.wait(300) == 0, node.output[-3000:]
-    again = run_folder(tmp_path, "two").parent / "version_1"
+    again = run_folder(tmp_path, "two")  # it continues in its own folder: steps 3.. redone exactly
+    assert again == folder and not (again.parent / "version_1").exists()
     for r in (0, 1):
-        assert [u for _, u in read_consumed(again, r)] == per_rank[r][3:]
+        assert [u for _, u in read_consumed(again, r)] == per_rank[r]
 
 
 @pytest.mark.slow

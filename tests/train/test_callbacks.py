@@ -79,9 +79,70 @@ def test_the_logger_uses_the_global_step_and_drops_epoch(tmp_path):
     assert scalars == {"train/loss": [(10, 1.5)], "stream/redraws": [(10, 3.0)]}
 
 
-def test_hparams_are_flat_and_typed():
-    flat = hparam_values({"seed": 0, "train": {"lr": 0.1, "val_dir": None, "precision": "32-true"}})
-    assert flat == {"seed": 0, "train.lr": 0.1, "train.precision": "32-true"}  # null: not used by this run
+def test_hparams_are_flat_and_typed_and_every_run_has_every_key():
+    flat = hparam_values({"seed": 0, "train": {"lr": 0.1, "budget_gpu_hours": None, "precision": "32-true"}})
+    # null (not used by this run) as 'None': a run with a budget and one without differ in it
+    assert flat == {"seed": 0, "train.lr": 0.1, "train.budget_gpu_hours": "None", "train.precision": "32-true"}
+
+
+def _hparams_experiment(logdir):
+    """The HPARAMS table's experiment as TensorBoard's own plugin computes it for ``logdir``."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    tb = backend_context.Context(
+        base_plugin.TBContext(logdir=str(logdir), multiplexer=multiplexer, data_provider=provider)
+    )
+    ctx = context.RequestContext()
+    return tb.experiment_from_metadata(
+        ctx, "", True, tb.hparams_metadata(ctx, ""), tb.hparams_from_data_provider(ctx, "", 100)
+    )
+
+
+def test_hparams_of_a_logdir_mark_what_differs_and_hold_every_runs_metrics(tmp_path):
+    for name, val, budget in (("with_val", True, 0.2), ("without", False, None)):
+        logger = StreamLogger(save_dir=str(tmp_path), name=name, version="version_0", default_hp_metric=False)
+        resolved = {"source": "stream", "prompt": "c", "train": {"budget_gpu_hours": budget, "lr": 0.1}}
+        logger.log_run(resolved, [], ["train/loss"], {})
+        logger.experiment.add_scalar("train/loss", 1.0, 1)
+        if val:
+            logger.experiment.add_scalar("val/top1", 0.5, 1)
+        logger.experiment.flush()
+    experiment = _hparams_experiment(tmp_path)
+    differs = {h.name: h.differs for h in experiment.hparam_infos}
+    assert differs == {"train.budget_gpu_hours": True, "prompt": False, "source": False, "train.lr": False}
+    assert {m.name.tag for m in experiment.metric_infos} == {"train/loss", "val/top1"}  # val/top1 of the run with val
+
+
+def test_the_bar_keeps_loss_wait_and_images_per_s_at_80_columns():
+    from types import SimpleNamespace
+
+    from tqdm import tqdm
+
+    from streamgen.train.callbacks import BAR_FORMAT, StepProgressBar
+    from streamgen.train.compute import ComputeMonitor
+
+    monitor = SimpleNamespace(latest={"stream/trainer_images_per_s": 12345.0, "stream/trainer_wait_fraction": 0.5})
+    compute = ComputeMonitor(4, 4, budget_gpu_hours=100.0)
+    compute.step_seconds = 0.5
+    trainer = SimpleNamespace(
+        progress_bar_metrics={"train/loss": 6.9078, "train/top1_stream": 0.001},
+        callbacks=[compute],
+        global_step=123456,
+        max_steps=500000,
+    )
+    postfix = StepProgressBar(monitor, 50, tty=False)._postfix(trainer)
+    line = tqdm.format_meter(123456, 500000, 3600.0, ncols=80, prefix="train", bar_format=BAR_FORMAT, postfix=postfix)
+    assert len(line) <= 80
+    for kept in ("loss=6.908", "wait=50%", "img/s=12345"):
+        assert kept in line, line
+    assert "eta=" in postfix and "<" not in line  # our ETA (budget or max_steps), not tqdm's
 
 
 def test_gpu_names_follow_the_job():
@@ -133,9 +194,30 @@ def test_a_runs_dashboard_and_log_lines(train_run, tmp_path):
     for m in lines:
         assert float(m["gen"]) > 0 and float(m["train"]) > 0 and 0 <= float(m["wait"]) <= 1
         assert 0 <= float(m["queue"]) <= 1 and float(m["lr"]) > 0 and m["eta"] != "?"
+    assert lines[-1]["eta"] == "0:00:00"
     folder = tmp_path / "runs" / "smoke" / "version_0"
     # The scalars: one step convention, no epoch, integers where they count.
     scalars = read_scalars(folder)
+    # Each validation is a line when it is computed, with the compute the dashboard has at that step.
+    said = re.findall(r"validation at step (\d+): top1=(\S+)% top5=\S+% loss=\S+ gpu_hours=(\S+)", out)
+    assert [int(step) for step, _, _ in said] == [10, 20]
+    top1 = dict(scalars["val/top1"])
+    compute = {step: value for step, value in scalars["compute/total_gpu_hours"]}  # a step's last value
+    for step, shown, hours in said:
+        assert float(shown) == pytest.approx(100 * top1[int(step)], abs=0.006)
+    assert float(said[0][2]) == pytest.approx(compute[10], abs=6e-5)
+    # The last line and the summary give the final figures: those of the dashboard's last point.
+    final = scalars["compute/total_gpu_hours"][-1]
+    assert final[0] == 20 and float(lines[-1]["gpu_hours"]) == pytest.approx(final[1], abs=6e-5)
+    summary = re.search(
+        r"done: 20 steps, (\d+) images seen \((\d+) unique\), loss \S+, val top-1 (\S+)%, (\S+) GPU-hours, wall \S+, checkpoint (\S+)",
+        out,
+    )
+    assert summary, out[-2000:]
+    assert int(summary[1]) == int(summary[2]) == scalars["data/images_seen"][-1][1]
+    assert float(summary[3]) == pytest.approx(100 * top1[20], abs=0.006)
+    assert float(summary[4]) == pytest.approx(final[1], abs=6e-5)
+    assert summary[5] == str(folder / "checkpoints" / "last.ckpt")
     assert "epoch" not in scalars and not any(tag.startswith("lr-") for tag in scalars)
     for tag in ("train/loss", "train/top1_stream", "train/lr", "stream/trainer_wait_fraction", "stream/queue_fill"):
         assert [s for s, _ in scalars[tag]] == [5, 10, 15, 20], tag
@@ -167,21 +249,23 @@ def test_a_runs_dashboard_and_log_lines(train_run, tmp_path):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     hparams = {v.tag: v.metadata.plugin_data.content for v in plugins["hparams"]}
-    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hparams)
+    # No experiment summary: TensorBoard builds the table from every run of the logdir (the settings
+    # that differ first, every scalar of every run a metric, so val/top1 where any run has it).
+    assert set(hparams) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
     assert (
         start.hparams["stream.slots"].number_value == 4 and start.hparams["train.precision"].string_value == "32-true"
     )
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
-    assert {m.name.tag for m in experiment.metric_infos} >= {"train/loss", "val/top1"}
+    assert start.hparams["train.budget_gpu_hours"].string_value == "None"  # differs from a run with a budget
     assert any(v.tag == "custom_scalars__config__" for v in plugins["custom_scalars"])
     config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "peak LR is 0.1 x 8 / 256 = 0.003125" in config_text and "slots: 4" in config_text
     # The link to the Time Series page with train, stream, val pinned: printed by the launcher and
     # first in the config text; it pins only scalar tags this run wrote, in reading order.
-    printed = re.findall(r"then open (http://localhost:6006/\S+#timeseries)\)", out)
-    assert len(printed) == 1, out[:3000]
-    tags = [card["tag"] for card in pinned_cards(printed[0])]
+    # The terminal says only how to watch; the long link is in the config text.
+    assert "pinnedCards" not in out and f"watch: tensorboard --logdir {tmp_path / 'runs'}" in out
+    link = re.search(r"\]\((\?\S+#timeseries)\)", config_text.splitlines()[0])
+    tags = [card["tag"] for card in pinned_cards("http://localhost:6006/" + link[1])]
     assert tags == STREAM_WITH_VAL and set(tags) <= set(scalars)
     assert config_text.splitlines()[0].startswith("- dashboard: [") and f"]({dashboard_query(tags)})" in config_text
     # The previews: 16 captioned tiles at the stream resolution (32 px, enlarged 4x for the caption).

@@ -244,6 +244,93 @@ def test_several_nodes_multiply_the_devices_held():
     assert trainer.logger.descriptions["compute/total_gpu_hours"]  # TensorBoard tooltips
 
 
+def test_devices_are_charged_from_their_spawn_by_the_launcher_not_from_the_trainers_start():
+    clock = FakeClock(1000.0)
+    # The launcher spawned the generators at t=900 and the trainer at t=950; the monitor is made at 1000
+    # (after the trainer imported torch and built its model): the start-up is charged all the same.
+    monitor = ComputeMonitor(generators=2, trainers=1, log_every=1, clock=clock, held_since=(900.0, 950.0))
+    assert monitor.ledger.generator_seconds(clock()) == 2 * 100
+    assert monitor.ledger.trainer_seconds(clock()) == 1 * 50
+    clock.t += 10
+    assert monitor.total_gpu_hours == pytest.approx((2 * 110 + 60) / 3600)
+
+
+def validate(monitor: ComputeMonitor, trainer: FakeTrainer, clock: FakeClock, seconds: float, top1: float = 0.5):
+    """One validation of ``seconds`` as Lightning runs it (between two steps, or after a stop)."""
+    monitor.on_validation_start(trainer, None)
+    clock.t += seconds
+    trainer.callback_metrics = {"val/top1": top1}
+    monitor.on_validation_end(trainer, None)
+
+
+def test_the_budget_holds_with_the_final_validation_and_every_reader_gets_one_figure(tmp_path):
+    clock = FakeClock()
+    said: list[str] = []
+    budget = 0.1  # 360 device-seconds; 2 devices x 9 s = 18 device-seconds a step
+    monitor = ComputeMonitor(
+        1, 1, log_every=1, budget_gpu_hours=budget, clock=clock, log=said.append, final_validation=True
+    )
+    trainer = FakeTrainer()
+    step_cost = 2 * 9.0 / 3600
+    while not trainer.should_stop:
+        run_steps(monitor, trainer, clock, steps=1, dt=9.0)
+        if trainer.global_step % 4 == 0 and not trainer.should_stop:
+            validate(monitor, trainer, clock, seconds=30.0)  # a pause: not a step's time
+    assert monitor.step_seconds == pytest.approx(9.0)  # blind to the validations
+    validate(monitor, trainer, clock, seconds=30.0)  # Lightning validates after a stop
+    monitor.on_train_end(trainer, None)
+    final = monitor.total_gpu_hours
+    assert budget - step_cost <= final <= budget  # the validation was reserved: within one step of the budget
+    clock.t += 1000.0  # the process lingers (checkpoint, exit): the figure is frozen
+    assert monitor.total_gpu_hours == final
+    state = monitor.state_dict()
+    assert (state["generator_device_seconds"] + state["trainer_device_seconds"]) / 3600 == pytest.approx(final)
+    step, logged = trainer.logger.series("compute/total_gpu_hours")[-1]
+    assert (step, logged) == (trainer.global_step, pytest.approx(final))
+    assert f"{final:.4f} GPU-hours in all, final validation included" in said[-1]
+
+
+def test_a_checkpoint_written_at_the_stop_holds_the_final_figure():
+    clock = FakeClock()
+    monitor = ComputeMonitor(1, 1, log_every=1, budget_gpu_hours=0.1, clock=clock)
+    trainer = FakeTrainer()
+    run_steps(monitor, trainer, clock, steps=1000, dt=9.0)
+    saved = monitor.state_dict()  # last.ckpt at the stop step (no validation follows)
+    clock.t += 3.0  # writing it, the end of fit
+    monitor.on_train_end(trainer, None)
+    held = (saved["generator_device_seconds"] + saved["trainer_device_seconds"]) / 3600
+    assert monitor.total_gpu_hours == pytest.approx(held)
+    assert trainer.logger.series("compute/total_gpu_hours")[-1][1] == pytest.approx(held)
+
+
+def test_the_eta_goes_to_the_budget_when_it_comes_before_max_steps():
+    clock = FakeClock()
+    monitor = ComputeMonitor(1, 1, log_every=1, budget_gpu_hours=1.0, clock=clock)
+    trainer = FakeTrainer()
+    assert monitor.eta_seconds(0, 10_000) is None  # no step time yet
+    run_steps(monitor, trainer, clock, steps=10, dt=18.0)  # 2 x 18 s = 0.01 GPU-hours a step
+    validate(monitor, trainer, clock, seconds=600.0)
+    run_steps(monitor, trainer, clock, steps=1, dt=18.0)
+    assert monitor.step_seconds == pytest.approx(18.0)  # the validation does not swing it
+    # 1.0 - 0.11 - (600 s x 2 devices = 0.333) left: 55 steps, sooner than max_steps
+    assert monitor.eta_seconds(trainer.global_step, 10_000) == pytest.approx(55 * 18.0)
+    assert monitor.eta_seconds(trainer.global_step, 20) == pytest.approx(9 * 18.0)  # max_steps first
+
+
+def test_a_run_whose_budget_is_spent_before_its_first_step_is_refused_with_the_figures(tmp_path):
+    from types import SimpleNamespace
+
+    from streamgen.launch.checks import check_budget
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"build": {"device_seconds": 900.0, "devices": 2}}))
+    cache = SimpleNamespace(complete=True, layout=SimpleNamespace(dir=str(tmp_path)))
+    cfg = parse_config(["--source", "cache", "--train.budget_gpu_hours", "0.2"])
+    with pytest.raises(UsageError, match=r"spent 0.25 GPU-hours before its first step \(the cache's build 0.25\)"):
+        check_budget(cfg, cache)
+    check_budget(parse_config(["--source", "cache", "--train.budget_gpu_hours", "0.3"]), cache)  # fits
+    check_budget(parse_config(["--source", "cache"]), cache)  # no budget
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])
 def test_budget_must_be_positive(value):
     with pytest.raises(UsageError, match="--train.budget_gpu_hours must be"):
@@ -264,60 +351,105 @@ def _checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def assert_stopped_at_budget(folder: Path, budget: float, max_steps: int) -> tuple[int, float]:
-    """The run's last logged compute reached the budget, at a checkpointed step below max_steps."""
+def assert_stopped_at_budget(folder: Path, budget: float, max_steps: int, build: float = 0.0) -> tuple[int, float]:
+    """The run stopped within its budget (final validation included), at a checkpointed step
+    below max_steps, and its checkpoint holds the dashboard's last compute figure."""
     from conftest import read_scalars
 
     total = read_scalars(folder)["compute/total_gpu_hours"]
     last_step, last_total = total[-1]
-    assert budget <= last_total < 2 * budget  # stopped at the first step at the budget, not long after
-    assert all(v < budget for _, v in total[:-1])
+    assert 0.9 * budget <= last_total <= 1.01 * budget  # the next step and the validation would not fit
     assert last_step < max_steps
     checkpoint = _checkpoint(folder / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == last_step  # saved at the step the budget stopped
+    state = checkpoint["callbacks"]["ComputeMonitor"]
+    held = (state["generator_device_seconds"] + state["trainer_device_seconds"]) / 3600
+    assert held + build == pytest.approx(last_total, rel=1e-6)  # a cache run adds its build (GPU-hours)
     return last_step, last_total
+
+
+def _final_line_gpu_hours(output: str) -> float:
+    import re
+
+    return float(re.findall(r" step=\S+ .* gpu_hours=(\S+)$", output, re.M)[-1])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_budget_stops_a_stream_and_a_cache_run_and_resume_continues_the_compute(train_run, tmp_path):
-    from conftest import read_scalars
+def test_one_compute_figure_for_a_budget_stopped_run_and_its_resume_in_the_same_folder(train_run, tmp_path):
+    """The log line, the checkpoint, compute/total_gpu_hours and compare give one figure: that of
+    the end of training, a validation after the budget stop included; resuming by folder continues it."""
+    from conftest import read_scalars, write_image_folder
 
-    budget, max_steps = 0.004, 100000  # 14.4 device-seconds: about 7 s of 1 generator + 1 trainer
-    run = train_run("--model", "fake", "--train.max_steps", str(max_steps), "--train.budget_gpu_hours", str(budget))
-    assert run.wait(240) == 0, run.output[-3000:]
-    assert f"compute budget of {budget:g} GPU-hours" in run.output
+    from streamgen.compare import main as compare_main
+    from streamgen.plan.classes import load_classes
+
+    val = write_image_folder(tmp_path / "val", load_classes("imagenet100:10").keys[:3], per_class=2)
+    budget, max_steps = 0.05, 100000  # 180 device-seconds: 90 s of 1 generator + 1 trainer, start-up included
+    args = ("--model", "fake", "--train.max_steps", str(max_steps), "--train.log_every", "10")
+    val_args = ("--train.val_dir", str(val), "--train.val_every", "25", "--train.workers", "0")
+    run = train_run(*args, *val_args, "--train.budget_gpu_hours", str(budget))
+    assert run.wait(300) == 0, run.output[-3000:]
     folder = tmp_path / "runs" / "smoke" / "version_0"
     last_step, last_total = assert_stopped_at_budget(folder, budget, max_steps)
-    state = _checkpoint(folder / "checkpoints" / "last.ckpt")["callbacks"]["ComputeMonitor"]
-    held = (state["generator_device_seconds"] + state["trainer_device_seconds"]) / 3600
-    assert held == pytest.approx(last_total, rel=0.05)
+    scalars = read_scalars(folder)
+    assert scalars["val/top1"][-1][0] == last_step  # the validation after the stop ...
+    said = f"stopped by the compute budget of {budget:g} GPU-hours (--train.budget_gpu_hours) after step {last_step}"
+    assert said in run.output
+    assert f": {last_total:.4f} GPU-hours in all, final validation included" in run.output  # ... is in the figure
+    assert _final_line_gpu_hours(run.output) == pytest.approx(last_total, abs=6e-5)  # the last log line
+    assert f"{last_total:.4f} GPU-hours, wall" in run.output  # the summary
+    assert compare_main([str(folder), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert f"| {last_total:.4g} | {last_step} |" in md  # compare's "GPU-hours so far" and steps
+    # The start-up counts from the spawn: the first logged figure holds it (step 10 of a fast fake stream).
+    first_step, first_total = scalars["compute/total_gpu_hours"][0]
+    assert first_step == 10 and first_total * 3600 / 2 > 5  # more than 5 s of wall before step 10
 
-    # Resumed with a larger budget: the accounting continues from the checkpoint's totals.
-    resumed = train_run(
-        "--model", "fake", "--train.max_steps", str(max_steps), "--train.budget_gpu_hours", str(2 * budget),
-        "--resume", str(folder / "checkpoints" / "last.ckpt"),
-    )  # fmt: skip
-    assert resumed.wait(240) == 0, resumed.output[-3000:]
-    total = read_scalars(tmp_path / "runs" / "smoke" / "version_1")["compute/total_gpu_hours"]
-    assert total[0][0] > last_step and total[0][1] > held  # continues, does not restart from 0
-    assert 2 * budget <= total[-1][1] < 3 * budget
+    # Resumed by its folder with a larger budget: the same folder, the accounting continues.
+    more = budget + 0.03
+    resumed = train_run(*args, *val_args, "--train.budget_gpu_hours", str(more), "--resume", str(folder))
+    assert resumed.wait(300) == 0, resumed.output[-3000:]
+    assert f"at step {last_step} (" in resumed.output and "train.budget_gpu_hours 0.05 -> 0.08" in resumed.output
+    assert not (tmp_path / "runs" / "smoke" / "version_1").exists()
+    total = read_scalars(folder)["compute/total_gpu_hours"]
+    after = [(s, v) for s, v in total if s > last_step]
+    assert after and after[0][1] > last_total  # continues, does not restart from 0
+    final_step, final_total = assert_stopped_at_budget(folder, more, max_steps)
+    assert _final_line_gpu_hours(resumed.output) == pytest.approx(final_total, abs=6e-5)
 
-    # A cache run: its build (by this run's 2 generators) counts, then only the trainer.
+
+@pytest.mark.long  # the cache's accounting end to end; its pieces: test_cache_run_counts_the_manifest_build...
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_cache_runs_build_counts_and_a_budget_it_used_up_is_refused(train_run, tmp_path, capsys):
+    from conftest import read_scalars
+
+    from streamgen.launch.launcher import main as train_main
+
+    budget = 0.08
     cache_dir = tmp_path / "cache"
     cache = train_run(
         "--model", "fake", "--train.budget_gpu_hours", str(budget), "--cache.dir", str(cache_dir),
-        "--cache.images", "64", config="configs/smoke_cache.yaml",
+        "--cache.images", "64", "--train.max_steps", "100000", config="configs/smoke_cache.yaml",
     )  # fmt: skip
-    assert cache.wait(300) == 0, cache.output[-3000:]
+    assert cache.wait(400) == 0, cache.output[-3000:]
     folder = tmp_path / "runs" / "smoke_cache" / "version_0"
-    step, _ = assert_stopped_at_budget(folder, budget, max_steps=2000)
     build = json.loads((cache_dir / "manifest.json").read_text())["build"]["device_seconds"] / 3600
+    step, total = assert_stopped_at_budget(folder, budget, max_steps=100000, build=build)
     scalars = read_scalars(folder)
     assert all(v == pytest.approx(build) for _, v in scalars["compute/generator_gpu_hours"])
     assert scalars["data/unique_images"][-1] == (step, min(64, step * 8))
+    # The built cache costs more than a smaller budget: refused before anything starts, with the figures.
+    root = Path(__file__).resolve().parents[2]
+    small = f"{build / 2:.6f}"
+    code = train_main([
+        "--config", str(root / "configs" / "smoke_cache.yaml"), "--model", "fake", "--cache.dir", str(cache_dir),
+        "--cache.images", "64", "--out", str(tmp_path / "other"), "--train.budget_gpu_hours", small,
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"spent {build:.4g} GPU-hours before its first step (the cache's build" in err
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize(
