@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from streamgen.config import GeneratorConfig
@@ -19,6 +21,7 @@ class FakeGenerator:
     def __init__(self, cfg: GeneratorConfig, out_resolution: int, device: torch.device) -> None:
         self.batch_size, self.out_resolution, self.device = cfg.batch_size, out_resolution, device
         self.redraws = 0
+        self.seconds_per_image = cfg.seconds_per_image or 0.0  # --generator.seconds_per_image
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -32,7 +35,11 @@ class FakeGenerator:
 
     @torch.inference_mode()
     def generate_into(self, out: torch.Tensor, prompts: list[str], seeds: list[int]) -> None:
+        started = time.monotonic()
         out.copy_(self.generate(prompts, seeds))
+        left = started + len(seeds) * self.seconds_per_image - time.monotonic()
+        if left > 0:
+            time.sleep(left)
 
     def warmup(self) -> None:
         pass
