@@ -25,6 +25,7 @@ from streamgen.evaluate.benchmarks import check_folder
 from streamgen.evaluate.probe import check_probe_arch
 from streamgen.evaluate.transfer import check_probes
 from streamgen.generate.diffusion import check_generator
+from streamgen.generate.fake import FAKE
 from streamgen.generate.pipeline import resolve_model
 from streamgen.generate.shapes import PROCEDURAL, check_class_count, check_procedural, check_val_set
 from streamgen.launch.cache_checks import check_cache_run
@@ -293,7 +294,7 @@ def prepare(cfg: RunConfig) -> Job:
     if Path(model).is_dir():
         check_model_components(model)
     generator_devices, accelerator, trainer_devices = assign_devices(cfg.generators, cfg.trainers)
-    if model not in PROCEDURAL:
+    if model != FAKE:  # shapes too: the same settings are refused whatever the model
         check_generator(cfg.generator, "cuda" if accelerator == "gpu" else "cpu")
     check_recipe(cfg.train, accelerator)
     slots = slots_per_rank(cfg)
