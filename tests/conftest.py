@@ -194,7 +194,7 @@ def memfd_holders(pids: list[int], prefix: str = "memfd:streamgen") -> list[int]
     return holders
 
 
-def train_cmd(*args: str, config: str = "configs/smoke.yaml") -> list[str]:
+def train_cmd(*args: str, config: str = "configs/smoke_tiny.yaml") -> list[str]:
     return [PYTHON, str(ROOT / "train.py"), "--config", str(ROOT / config), *args]
 
 
@@ -253,7 +253,7 @@ class TrainRun:
 def train_run(tmp_path):
     runs: list[TrainRun] = []
 
-    def start(*args: str, config: str = "configs/smoke.yaml", env: dict[str, str] | None = None) -> TrainRun:
+    def start(*args: str, config: str = "configs/smoke_tiny.yaml", env: dict[str, str] | None = None) -> TrainRun:
         run = TrainRun(train_cmd("--out", str(tmp_path / "runs"), *args, config=config), tmp_path, env)
         runs.append(run)
         return run

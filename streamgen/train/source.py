@@ -18,7 +18,7 @@ no longer needed (`_after_hand_off`, e.g. free a queue slot).
 A testing hook, ``STREAMGEN_AUDIT_PIXELS=1``, also appends to ``pixels-rank{r}.tsv`` one line
 per image the rank trains on (step, id, label, `pixel_digest` of its stream image), so that a
 test can check, batch by batch, that the label and the pixels of each image are those the plan
-makes for its id (tests/train/test_learning.py). Off by default: it is per-sample Python.
+makes for its id (tests/launch/test_learning.py). Off by default: it is per-sample Python.
 """
 
 from __future__ import annotations

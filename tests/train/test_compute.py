@@ -309,7 +309,7 @@ def test_budget_stops_a_stream_and_a_cache_run_and_resume_continues_the_compute(
     cache_dir = tmp_path / "cache"
     cache = train_run(
         "--model", "fake", "--train.budget_gpu_hours", str(budget), "--cache.dir", str(cache_dir),
-        "--cache.images", "64", config="configs/smoke_cache.yaml",
+        "--cache.images", "64", "--train.val_shapes", "0", config="configs/smoke_cache.yaml",
     )  # fmt: skip
     assert cache.wait(300) == 0, cache.output[-3000:]
     folder = tmp_path / "runs" / "smoke_cache" / "version_0"
@@ -317,7 +317,10 @@ def test_budget_stops_a_stream_and_a_cache_run_and_resume_continues_the_compute(
     build = json.loads((cache_dir / "manifest.json").read_text())["build"]["device_seconds"] / 3600
     scalars = read_scalars(folder)
     assert all(v == pytest.approx(build) for _, v in scalars["compute/generator_gpu_hours"])
-    assert scalars["data/unique_images"][-1] == (step, min(64, step * 8))
+    from conftest import ROOT
+
+    batch = parse_config(["--config", str(ROOT / "configs/smoke_cache.yaml")]).stream.batch_size
+    assert scalars["data/unique_images"][-1] == (step, min(64, step * batch))
 
 
 @pytest.mark.parametrize(
