@@ -604,7 +604,9 @@ def test_resume_with_another_class_set_is_refused(tmp_path, capsys):
         "cursors": [],
     }
     torch.save({StreamDataModule.__qualname__: state}, ckpt)
-    code = main(["--config", str(ROOT / "configs/smoke_tiny.yaml"), "--out", str(tmp_path / "runs"), "--resume", str(ckpt)])
+    code = main(
+        ["--config", str(ROOT / "configs/smoke_tiny.yaml"), "--out", str(tmp_path / "runs"), "--resume", str(ckpt)]
+    )
     assert code == 2 and "another class set (imagenet1k); run with --classes imagenet1k" in capsys.readouterr().err
 
 
