@@ -111,11 +111,22 @@ class TrainConfig:
     global_scale: str = _f("0.25,1.0", "multicrop: 'min,max' area fraction of the stream image in a global crop")
     local_scale: str = _f("0.05,0.25", "multicrop: 'min,max' area fraction of the stream image in a local crop")
     local_crop: int | None = _f(None, "multicrop: local crop side in px (default: 3/7 of train.crop, 96 at 224)")
+    global_blur_p: float = _f(
+        0.2, "multicrop: probability of the Gaussian blur on a global crop (t-ReX's multi_crop.py: 0.2; DINO: 1.0)"
+    )
+    local_blur_p: float = _f(0.5, "multicrop: probability of the Gaussian blur on a local crop (t-ReX: 0.5)")
     head: str = _f(
         "linear",
         "'linear' (the network's own fc) or 'trex' (t-ReX: MLP projector 3x2048 + BN + GELU, 256-d bottleneck, "
-        "cosine classifier at temperature 0.1); evaluation and probes always read the pooled backbone features",
-        choices=("linear", "trex"),
+        "cosine classifier at temperature 0.1) or 'trex-ocm' (t-ReX's default model: the same projector, classified "
+        "against class prototypes averaged from a memory of train.memory_size features of an EMA copy of the "
+        "network); evaluation and probes always read the pooled backbone features",
+        choices=("linear", "trex", "trex-ocm"),
+    )
+    memory_size: int = _f(
+        8192,
+        "--train.head trex-ocm: features in the memory the class prototypes are averaged from (t-ReX: 8192); at "
+        "least one global batch (stream.batch_size x trainer ranks)",
     )
     sync_batchnorm: bool = _f(
         False, "SyncBatchNorm across trainer ranks (t-ReX does; costs one all-reduce per BN layer)"
@@ -126,6 +137,11 @@ class TrainConfig:
     warmup_steps: int = _f(2500, "linear warm-up steps before the cosine decay (to min_lr at max_steps)")
     warmup_epochs: int | None = _f(
         None, "--source cache: warm-up in epochs over the cache (t-ReX: 10 of 100); replaces warmup_steps"
+    )
+    warmup_fraction: float | None = _f(
+        None,
+        "warm-up as a fraction of max_steps in [0, 1) (t-ReX: 10 of 100 epochs, 0.1); replaces warmup_steps and "
+        "warmup_epochs, for a stream or a cache",
     )
     min_lr: float = _f(1e-6, "learning rate at the end of the cosine decay (t-ReX: 1e-6)")
     label_smoothing: float = _f(
@@ -599,7 +615,20 @@ def _validate_recipe(cfg: RunConfig) -> None:
     s, t = cfg.stream, cfg.train
     checks = [
         (t.augment in ("single", "multicrop"), f"--train.augment must be single or multicrop (got {t.augment!r})"),
-        (t.head in ("linear", "trex"), f"--train.head must be linear or trex (got {t.head!r})"),
+        (t.head in ("linear", "trex", "trex-ocm"), f"--train.head must be linear, trex or trex-ocm (got {t.head!r})"),
+        (
+            t.warmup_fraction is None or t.warmup_fraction < 1,
+            f"--train.warmup_fraction must be in [0, 1) (got {t.warmup_fraction}): the share of max_steps "
+            "spent warming up, e.g. 0.1",
+        ),
+        (
+            t.warmup_fraction is None or t.warmup_epochs is None,
+            "--train.warmup_fraction and --train.warmup_epochs both set the warm-up: give one of them",
+        ),
+        (
+            t.head != "trex-ocm" or t.memory_size >= 1,
+            f"--train.memory_size must be at least 1 with --train.head trex-ocm (got {t.memory_size})",
+        ),
         (t.crop >= 1, f"--train.crop must be at least 1 px (got {t.crop})"),
         (t.min_lr >= 0, f"--train.min_lr must be >= 0 (got {t.min_lr:g})"),
         (t.warmup_steps >= 0, f"--train.warmup_steps must be >= 0 (got {t.warmup_steps})"),
@@ -612,6 +641,10 @@ def _validate_recipe(cfg: RunConfig) -> None:
             "--train.warmup_epochs needs --source cache (a stream has no epochs): use --train.warmup_steps",
         ),
     ]
+    for key in ("global_blur_p", "local_blur_p"):  # checked whatever the augmentation: a value, not a use
+        value = getattr(t, key)
+        if not 0 <= value <= 1:
+            raise UsageError(f"--train.{key} must be a probability in [0, 1] (got {value:g}); t-ReX: 0.2 / 0.5")
     if t.augment == "multicrop":
         local = local_crop_size(t)
         checks += [

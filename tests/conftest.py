@@ -37,7 +37,8 @@ def wordnet_available() -> bool:
 
 
 needs_wordnet = pytest.mark.skipif(
-    not wordnet_available(), reason="WordNet for nltk is not installed (scripts/install-wordnet.sh DIR; export NLTK_DATA=DIR)"
+    not wordnet_available(),
+    reason="WordNet for nltk is not installed (scripts/install-wordnet.sh DIR; export NLTK_DATA=DIR)",
 )
 
 
@@ -253,8 +254,11 @@ class TrainRun:
 def train_run(tmp_path):
     runs: list[TrainRun] = []
 
-    def start(*args: str, config: str = "configs/smoke_tiny.yaml", env: dict[str, str] | None = None) -> TrainRun:
-        run = TrainRun(train_cmd("--out", str(tmp_path / "runs"), *args, config=config), tmp_path, env)
+    def start(
+        *args: str, config: str = "configs/smoke_tiny.yaml", env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()
+    ) -> TrainRun:
+        # wrap: a command that runs train.py, e.g. ("timeout", "900") as a user's script does
+        run = TrainRun([*wrap, *train_cmd("--out", str(tmp_path / "runs"), *args, config=config)], tmp_path, env)
         runs.append(run)
         return run
 

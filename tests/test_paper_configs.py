@@ -69,3 +69,46 @@ def test_row_config_matches_the_paper_and_its_stream_twin_the_budget(row):
     assert twin.generator == cfg.generator and twin.stream == cfg.stream
     for key in ("arch", "augment", "head", "label_smoothing", "crop", "lr"):
         assert getattr(twin.train, key) == getattr(cfg.train, key), key
+
+
+def _paper_configs_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_configs", ROOT / "scripts" / "paper_configs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_files_are_what_scripts_paper_configs_writes():
+    script = _paper_configs_script()
+    files = script.render_all()
+    assert sorted(files) == sorted(p.name for p in PAPER.glob("*.yaml"))
+    for name, text in files.items():
+        assert (PAPER / name).read_text() == text, f"{name}: run python scripts/paper_configs.py"
+    assert {(d, r) for d, r in script.ROWS} == set(TAB1)  # the script's rows are the paper's
+
+
+@pytest.mark.parametrize("path", sorted(PAPER.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_paper_config_follows_trex_and_its_budget_outlasts_its_schedule(path):
+    """t-ReX (naver/trex main.py): global batch 256 (4 x 64) with lr 0.1 per 256, warm-up over 10% of
+    training (rows 16 and 17 too: 5 and 2 epochs), SyncBatchNorm over ranks; and the budget, at the
+    rates of streamgen/train/budget.py, does not stop a run before its LR schedule ends."""
+    from streamgen.cache.layout import cache_images
+    from streamgen.cache.reader import steps_per_epoch
+    from streamgen.train.budget import budget_steps, schedule_warning, warmup_steps
+
+    cfg = parse_config(["--config", str(path)])
+    t = cfg.train
+    assert cfg.stream.batch_size * cfg.trainers == 256 and t.lr == 0.1 and t.sync_batchnorm
+    assert t.warmup_fraction == 0.1 and t.warmup_epochs is None
+    images = None
+    if cfg.source == "cache":
+        images = cache_images(cfg, 100 if cfg.classes == "imagenet100" else 1000, None)
+        t.max_steps = t.epochs * steps_per_epoch(images, 1, cfg.stream.batch_size)  # as check_cache_run
+    assert warmup_steps(t) == round(0.1 * t.max_steps)
+    assert schedule_warning(cfg, 7, 1, images) is None
+    if cfg.source == "stream":  # the twin's schedule ends with its budget: within one step
+        assert budget_steps(cfg, 7, 1) == t.max_steps
+    text = path.read_text()
+    assert "global batch 256" in text and "SyncBatchNorm" in text and "--stream.resolution 512" in text

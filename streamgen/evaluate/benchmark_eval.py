@@ -5,7 +5,11 @@ any folder of one sub-folder per class key) is scored on the classes it shares w
 a model trained on ImageNet-100 evaluated on the full ImageNet-val scores its 100 classes, and
 the result says how many classes and images were scored. Predictions are made among all the
 model's classes, except on ImageNet-R and -A, whose protocol predicts among the benchmark's own
-classes (those the model knows); ``all_classes=True`` lifts that restriction.
+classes (those the model knows); ``all_classes=True`` lifts that restriction. For a model that
+knows more classes than it shares with ImageNet-R or -A (an ImageNet-100 model shares 19 / 15 of
+them) the two prediction sets give different scores, and the paper ("metrics only on the common
+classes") does not say which it reports: both are computed in one pass (``other_top1``) and the
+Tab. 1 table prints both, labelled.
 
 Images get the standard ImageNet evaluation transform (resize the shorter side to
 ``crop / 0.875``, centre crop, normalise) at the crop the model was trained with
@@ -49,6 +53,11 @@ class Result:
     top1: float | None  # percent; None when no image could be read
     top5: float | None
     skipped_examples: list[str] = field(default_factory=list)
+    # ImageNet-R/-A for a model knowing more classes than it shares with them: the scores with the
+    # other prediction set (all the model's classes if predicted_among is the shared ones, or back)
+    other_among: int | None = None
+    other_top1: float | None = None
+    other_top5: float | None = None
 
     def coverage(self) -> str:
         """A line saying what was scored, when it is not simply the whole folder."""
@@ -107,6 +116,7 @@ def evaluate_benchmark(
     n_classes = len(model.hparams.class_keys)
     present = sorted({label for _, label in samples})
     restrict = benchmark.predicts_among_its_classes and not all_classes
+    both = benchmark.predicts_among_its_classes and len(present) < n_classes  # two prediction sets differ
     device = next(model.parameters()).device
     mask = torch.full((n_classes,), float("-inf"), device=device)
     mask[present] = 0.0
@@ -120,16 +130,25 @@ def evaluate_benchmark(
         ),
         benchmark.title,
     )
-    hits1 = hits5 = total = 0
+    hits = {"shared": [0, 0], "all": [0, 0]}
+    total = 0
     for images, labels, _ in loader:
         if len(labels) == 0:
             continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(images).float()
-        if restrict:
-            logits = logits + mask
-        top1, top5 = topk_correct(logits, labels)
-        hits1, hits5, total = hits1 + int(top1), hits5 + int(top5), total + len(labels)
+        sets = {"shared": logits + mask, "all": logits} if both else {"shared" if restrict else "all": logits}
+        for key, scores in sets.items():
+            top1, top5 = topk_correct(scores, labels)
+            hits[key][0] += int(top1)
+            hits[key][1] += int(top5)
+        total += len(labels)
+    chosen, other = ("shared", "all") if restrict else ("all", "shared")
+    hits1, hits5 = hits[chosen]
+
+    def percent(count: int) -> float | None:
+        return 100.0 * count / total if total else None
+
     return Result(
         dataset=benchmark.name,
         title=benchmark.title,
@@ -140,9 +159,12 @@ def evaluate_benchmark(
         folder_classes=len(benchmark.classes),
         predicted_among=len(present) if restrict else n_classes,
         skipped=loader.count,
-        top1=100.0 * hits1 / total if total else None,
-        top5=100.0 * hits5 / total if total else None,
+        top1=percent(hits1),
+        top5=percent(hits5),
         skipped_examples=loader.examples,
+        other_among=(n_classes if restrict else len(present)) if both else None,
+        other_top1=percent(hits[other][0]) if both else None,
+        other_top5=percent(hits[other][1]) if both else None,
     )
 
 
@@ -164,12 +186,26 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def prediction_sets(r: Result) -> list[tuple[str, float | None]]:
+    """A result's labelled top-1 columns: one, or for a subset model on ImageNet-R/-A two (predictions
+    among the shared classes, then among all the model's), each saying how many classes it predicted among."""
+    if r.other_among is None:
+        return [(r.title, r.top1)]
+    scores = {r.predicted_among: r.top1, r.other_among: r.other_top1}
+    shared, every = sorted(scores)
+    return [(f"{r.title} (among {shared} shared)", scores[shared]), (f"{r.title} (among all {every})", scores[every])]
+
+
 def tab1_markdown(model_name: str, results: list[Result]) -> str:
-    """Tab. 1: top-1 per benchmark, the paper's five columns first (``-`` where not evaluated)."""
+    """Tab. 1: top-1 per benchmark, the paper's five columns first (``-`` where not evaluated); a subset
+    model's ImageNet-R/-A get two columns, labelled (`prediction_sets`)."""
     by_title = {r.title: r for r in results}
     extra = [r.title for r in results if r.title not in TAB1_COLUMNS]
-    header = ["Model", *TAB1_COLUMNS, *extra]
-    row = [model_name] + [fmt(by_title[t].top1) if t in by_title else "-" for t in (*TAB1_COLUMNS, *extra)]
+    header, row = ["Model"], [model_name]
+    for title in (*TAB1_COLUMNS, *extra):
+        columns = prediction_sets(by_title[title]) if title in by_title else [(title, None)]
+        header += [label for label, _ in columns]
+        row += [fmt(score) for _, score in columns]
     return _markdown(header, [row])
 
 

@@ -209,10 +209,18 @@ def as_csv(report: dict) -> str:
 
 
 def print_coverage(results: list) -> None:
-    """What was scored where it was not the whole folder: common classes, skipped images."""
+    """What was scored where it was not the whole folder: common classes, skipped images; and a
+    subset model's ImageNet-R/-A scores with both prediction sets."""
+    from streamgen.evaluate.benchmark_eval import fmt
+
     for r in results:
         if r.coverage():
             print(f"  {r.title}: scored {r.coverage()}; predictions among {r.predicted_among} classes")
+        if r.other_among is not None:
+            print(
+                f"  {r.title}: top-1 {fmt(r.top1)} predicting among {r.predicted_among} classes, "
+                f"{fmt(r.other_top1)} among {r.other_among} (--all_classes swaps them)"
+            )
 
 
 def print_plain(results: list, probes: list[dict]) -> None:

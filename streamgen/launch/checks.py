@@ -164,10 +164,16 @@ def check_arch(arch: str) -> None:
         )
 
 
-def check_recipe(train: TrainConfig, accelerator: str) -> None:
-    """The training recipe fits the network and the devices (the values alone: config.validate)."""
-    if train.sync_batchnorm and accelerator != "gpu":
+def check_recipe(train: TrainConfig, accelerator: str, world: int = 1, batch: int = 1) -> None:
+    """The training recipe fits the network, the devices and the DDP world of ``world`` ranks of
+    ``batch`` images each (the values alone: config.validate)."""
+    if train.sync_batchnorm and accelerator != "gpu" and world > 1:  # one rank: plain BatchNorm, anywhere
         raise UsageError("--train.sync_batchnorm needs GPUs (torch's SyncBatchNorm does not run on CPU): leave it off")
+    if train.head == "trex-ocm" and train.memory_size < world * batch:
+        raise UsageError(
+            f"--train.memory_size {train.memory_size} is smaller than one global batch ({world} rank(s) x {batch} "
+            f"images): the memory would drop part of every batch; use at least {world * batch} (t-ReX: 8192)"
+        )
     if train.head != "linear":
         import torch
 
@@ -296,7 +302,7 @@ def prepare(cfg: RunConfig) -> Job:
     generator_devices, accelerator, trainer_devices = assign_devices(cfg.generators, cfg.trainers)
     if model != FAKE:  # shapes too: the same settings are refused whatever the model
         check_generator(cfg.generator, "cuda" if accelerator == "gpu" else "cpu")
-    check_recipe(cfg.train, accelerator)
+    check_recipe(cfg.train, accelerator, cfg.trainers * placement.nodes, cfg.stream.batch_size)
     slots = slots_per_rank(cfg)
     check_memory(cfg.trainers * slots * slot_nbytes(cfg.stream.batch_size, cfg.stream.resolution))
     meta = run_meta(cfg, classes, placement.nodes)

@@ -13,9 +13,12 @@ success or on a trainer's failure: queues closed (trainers stop at their next ba
 every child joined or killed within seconds. Ctrl-C or SIGTERM (a cluster's pre-emption
 notice) is a stop request (`stop_and_save`): the trainers finish their step and write
 ``last.ckpt`` while the generators keep serving them, within ``--train.stop_grace`` seconds;
-a second Ctrl-C or SIGTERM stops at once. The same stop request ends a run whose generators
-were all retired (`streamgen.stream.supervisor`: hung or failing too often); a trainer rank that
-makes no progress (`streamgen.stream.heartbeat`) stops the run, the other ranks saving if they can.
+a second Ctrl-C, or a SIGTERM seconds after the first, stops at once. A signal sent to the whole
+process group (a terminal's Ctrl-C, GNU ``timeout``, SLURM) reaches the children too: they ignore
+it (the launcher coordinates the stop), and copies of one SIGTERM are one interruption. The
+same stop request ends a run whose generators were all retired (`streamgen.stream.supervisor`:
+hung or failing too often); a trainer rank that makes no progress (`streamgen.stream.heartbeat`)
+stops the run, the other ranks saving if they can.
 The memory is anonymous, so nothing is left in /dev/shm however the run ends.
 """
 
@@ -161,13 +164,28 @@ class _Terminate(Exception):
 class _Interrupts:
     """The launcher's handler of SIGINT and SIGTERM. The first asks for a stop with a checkpoint;
     the second stops at once and ignores any further one (the cleanup, seconds, must not be cut
-    short: Ctrl-C pressed three times is still one clean stop)."""
+    short: Ctrl-C pressed three times is still one clean stop).
+
+    A SIGTERM within ``COPY_WINDOW`` seconds of the first signal is a copy of it, not a second
+    interruption: one pre-emption reaches the launcher more than once when it is sent to the whole
+    process group as well as to the launcher (GNU ``timeout`` signals its command, then the
+    command's group; ``scancel`` and SLURM's pre-emption signal every process of the job). A second
+    SIGINT is always a second Ctrl-C: a terminal sends one per key press.
+    """
+
+    COPY_WINDOW = 2.0
 
     def __init__(self) -> None:
         self.count = 0
+        self.first_at = 0.0
 
     def __call__(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.count == 1 and signum == signal.SIGTERM and now - self.first_at < self.COPY_WINDOW:
+            return  # the same interruption, delivered again: the stop it asked for goes on
         self.count += 1
+        if self.count == 1:
+            self.first_at = now
         if self.count >= 2:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -467,6 +485,21 @@ def _join(processes: list, grace: float) -> None:
             p.join(5)
 
 
+def warn_about_the_budget(job: Job) -> str | None:
+    """Say at start when --train.budget_gpu_hours will stop the run before its LR schedule ends.
+
+    Only on GPUs: the rates the estimate assumes (`streamgen.train.budget`) are GPUs'."""
+    from streamgen.train.budget import schedule_warning
+
+    if job.accelerator != "gpu":
+        return None
+    images = job.cache.layout.images if job.cache is not None else None
+    warning = schedule_warning(job.cfg, job.cfg.generators * job.placement.nodes, job.world, images)
+    if warning:
+        log(f"warning: {warning}")
+    return warning
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv, prog="train.py", description=DESCRIPTION)  # bad flags: exit 2
@@ -478,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("train.py: interrupted while checking the input; nothing was started", file=sys.stderr)
         return 130
+    warn_about_the_budget(job)
     if group is None:
         return run(job)
     try:

@@ -99,6 +99,7 @@ def _fit(spec: TrainerSpec, queue: SlotQueue, stats: GeneratorStats) -> None:
 
 def build_model(spec: TrainerSpec):
     """The LightningModule: network, loss and optimiser settings from the config."""
+    from streamgen.train.budget import warmup_steps
     from streamgen.train.model import Classifier
 
     job, cfg, t = spec.job, spec.job.cfg, spec.job.cfg.train
@@ -108,13 +109,14 @@ def build_model(spec: TrainerSpec):
         lr=t.lr * cfg.stream.batch_size * job.world / 256,
         momentum=t.momentum,
         weight_decay=t.weight_decay,
-        # Cache runs may give the warm-up in epochs (config.validate allows it only there).
-        warmup_steps=t.warmup_steps if t.warmup_epochs is None else t.warmup_epochs * job.steps_per_epoch,
+        # A fraction of max_steps, epochs of a cache (config.validate allows them only there), or steps.
+        warmup_steps=warmup_steps(t, job.steps_per_epoch),
         max_steps=t.max_steps,
         label_smoothing=t.label_smoothing,
         class_fingerprint=job.plan.classes.fingerprint(),
         head=t.head,
         min_lr=t.min_lr,
+        memory_size=t.memory_size,
     )
 
 

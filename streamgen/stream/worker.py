@@ -117,7 +117,10 @@ class WorkerSpec:
 
 def worker_main(spec: WorkerSpec, conn, queues: list[SlotQueue], stats: GeneratorStats) -> None:
     """One generator process: build the model, then serve jobs until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns shutdown
+    # The launcher owns shutdown: a Ctrl-C or a SIGTERM sent to the whole process group (a
+    # terminal, GNU timeout, SLURM) is its to turn into a stop; it ends generators with SIGKILL.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     avoid_named_semaphores()
     try:
         _serve(spec, conn, queues, stats)

@@ -388,9 +388,9 @@ class MultiCrop(torch.nn.Module):
 
     The t-ReX recipe (naver/trex ``multi_crop.py``): bicubic RandomResizedCrop, flip (p 0.5),
     colour jitter (0.4, 0.4, 0.2, 0.1; p 0.8), grayscale (p 0.2), Gaussian blur (sigma 0.1-2
-    px), solarise (p 0.2, globals only). Blur probabilities: 1.0 on global crops and 0.5 on local
-    ones, as the project's recipe issue specifies (DINO's first global view; naver/trex's
-    ``multi_crop.py`` uses 0.2 on its global crop: pass ``global_blur_p=0.2`` for that). Every crop of
+    px), solarise (p 0.2, globals only). Blur probabilities: 0.2 on global crops and 0.5 on local
+    ones, naver/trex's ``multi_crop.py`` values (``train.global_blur_p`` / ``train.local_blur_p``;
+    DINO blurs its first global view with p 1.0). Every crop of
     every image draws its own parameters, for the whole batch at once on the batch's device, from
     torch's generator (so a seed fixes them); the last call's draws are in ``params`` (one dict per group).
 
@@ -429,7 +429,7 @@ class MultiCrop(torch.nn.Module):
         local_crops: int = 8,
         global_scale: tuple[float, float] = (0.25, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.25),
-        global_blur_p: float = 1.0,
+        global_blur_p: float = 0.2,
         local_blur_p: float = 0.5,
         solarize_p: float = 0.2,
         dtype: torch.dtype | None = None,
@@ -554,6 +554,8 @@ def build_augment(train: TrainConfig) -> Augment:
             local_crops=train.local_crops,
             global_scale=parse_range(train.global_scale, "train.global_scale"),
             local_scale=parse_range(train.local_scale, "train.local_scale"),
+            global_blur_p=train.global_blur_p,
+            local_blur_p=train.local_blur_p,
         )
     raise ValueError(f"unknown augmentation {train.augment!r}: expected one of {', '.join(AUGMENTATIONS)}")
 

@@ -6,6 +6,12 @@ Two heads on the torchvision backbone (``train.head``):
 - ``trex``: t-ReX's head (naver/trex ``trex.py``, the learnable-classifier variant): an MLP
   projector (optional L2-normalised input, 3 hidden layers of Linear-BatchNorm-GELU of width
   2048, a 256-d bottleneck without bias) and a cosine-softmax classifier with temperature 0.1.
+- ``trex-ocm``: t-ReX's default model (``main.py --memory_size 8192``; its README's "t-ReX"): the
+  same projector, classified against class prototypes instead of learnt weights (`OcmHead`):
+  each prototype is the L2-normalised sum of the features of that class in a memory of
+  ``memory_size`` features, filled first-in first-out with the projected features of every step's
+  first global crops from an EMA copy (momentum 0.999) of the backbone and projector, gathered
+  over every rank. The prototypes carry no gradient; the memory starts random, as t-ReX's.
 
 Training batches arrive already augmented (see `streamgen.train.augment`): one tensor, or a list of
 multi-crop tensors (one per resolution, or one per crop). The backbone runs once per
@@ -21,7 +27,9 @@ top-1 and top-5 are logged.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -29,7 +37,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-HEADS = ("linear", "trex")
+HEADS = ("linear", "trex", "trex-ocm")
 
 
 def build_network(arch: str, num_classes: int) -> nn.Module:
@@ -77,36 +85,123 @@ class CosineClassifier(nn.Module):
         return F.normalize(x, dim=1) @ F.normalize(self.fc.weight, dim=1).t() / self.tau
 
 
-class TrexHead(nn.Module):
-    """t-ReX's projector + cosine classifier, in its layer order (naver/trex ``trex.py``)."""
+def trex_projector(
+    in_dim: int, input_l2_norm: bool = True, hidden_layers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256
+) -> nn.Sequential:
+    """t-ReX's MLP projector, in its layer order and with its init (naver/trex ``trex.py``)."""
+    layers: list[nn.Module] = [L2Norm()] if input_l2_norm else []
+    width = in_dim
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(width, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU()]
+        width = hidden_dim
+    layers.append(nn.Linear(width, bottleneck_dim, bias=False))
+    projector = nn.Sequential(*layers)
+    for m in projector.modules():  # t-ReX's init_weights (the projector only)
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return projector
 
-    def __init__(
-        self,
-        in_dim: int,
-        num_classes: int,
-        input_l2_norm: bool = True,
-        hidden_layers: int = 3,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        tau: float = 0.1,
-    ) -> None:
+
+class TrexHead(nn.Module):
+    """t-ReX's projector + cosine classifier (naver/trex ``trex.py``, ``memory_size 0``)."""
+
+    def __init__(self, in_dim: int, num_classes: int, bottleneck_dim: int = 256, tau: float = 0.1) -> None:
         super().__init__()
-        layers: list[nn.Module] = [L2Norm()] if input_l2_norm else []
-        width = in_dim
-        for _ in range(hidden_layers):
-            layers += [nn.Linear(width, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU()]
-            width = hidden_dim
-        layers.append(nn.Linear(width, bottleneck_dim, bias=False))
-        self.projector = nn.Sequential(*layers)
-        for m in self.projector.modules():  # t-ReX's init_weights (the projector only)
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        self.projector = trex_projector(in_dim, bottleneck_dim=bottleneck_dim)
         self.classifier = CosineClassifier(bottleneck_dim, num_classes, tau)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.projector(x))
+
+
+class PrototypeMemory(nn.Module):
+    """t-ReX's memory bank: ``size`` features and their labels, written first-in first-out.
+
+    As naver/trex's ``Memory``: it starts with random features (standard normal) and random
+    labels; a class's prototype is the L2-normalised sum of its features in the memory (a class
+    with none has a zero prototype); a batch that would run past the end is cut there, and the
+    next write starts again at the beginning.
+    """
+
+    def __init__(self, dim: int, size: int, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.register_buffer("features", torch.randn(size, dim))
+        self.register_buffer("labels", torch.randint(0, num_classes, (size,)))
+        self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def class_weights(self) -> torch.Tensor:
+        """``[classes, dim]`` L2-normalised class prototypes."""
+        weights = torch.zeros(self.num_classes, self.features.shape[1], device=self.features.device)
+        weights.index_add_(0, self.labels, self.features.float())
+        return F.normalize(weights, dim=1)
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        size, ptr = len(self.features), int(self.ptr)
+        features, labels = features[: size - ptr], labels[: size - ptr]  # what fits before the end
+        n = len(features)
+        self.features[ptr : ptr + n] = features.to(self.features.dtype)
+        self.labels[ptr : ptr + n] = labels
+        self.ptr[0] = (ptr + n) % size
+
+
+class OcmHead(nn.Module):
+    """t-ReX's projector classified against `PrototypeMemory` prototypes, at temperature ``tau``.
+
+    The memory is written (`update_memory`) with an EMA copy of the backbone and projector, made
+    from ``backbone`` when the head is built; the prototypes a step's logits use are those before
+    its own features enter the memory (as t-ReX's forward)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        in_dim: int,
+        num_classes: int,
+        memory_size: int = 8192,
+        bottleneck_dim: int = 256,
+        tau: float = 0.1,
+        ema_momentum: float = 0.999,
+    ) -> None:
+        super().__init__()
+        self.tau, self.ema_momentum = tau, ema_momentum
+        self.projector = trex_projector(in_dim, bottleneck_dim=bottleneck_dim)
+        self.memory = PrototypeMemory(bottleneck_dim, memory_size, num_classes)
+        self.backbone_ema = copy.deepcopy(backbone)  # starts equal to the network, as t-ReX's model_ema
+        self.projector_ema = copy.deepcopy(self.projector)
+        for p in (*self.backbone_ema.parameters(), *self.projector_ema.parameters()):
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.memory.class_weights().to(x.dtype)
+        return F.normalize(self.projector(x), dim=1) @ w.t() / self.tau
+
+    @torch.no_grad()
+    def update_memory(
+        self,
+        backbone: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """One t-ReX memory step: EMA of ``backbone`` + projector, then the EMA model's features of
+        ``images`` (the first global crops) and ``labels`` enter the memory, every rank's (``gather``:
+        ``[world, B, ...]`` or ``[B, ...]``) in rank order, so every rank holds the same memory."""
+        m = self.ema_momentum
+        pairs = (
+            *zip(backbone.parameters(), self.backbone_ema.parameters()),
+            *zip(self.projector.parameters(), self.projector_ema.parameters()),
+        )
+        for live, ema in pairs:
+            ema.mul_(m).add_(live.detach(), alpha=1 - m)
+        features = self.projector_ema(self.backbone_ema(images))
+        if gather is not None:
+            features, labels = gather(features), gather(labels)
+            features, labels = features.reshape(-1, features.shape[-1]), labels.reshape(-1)
+        self.memory.update(features, labels)
 
 
 def group_by_resolution(crops: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -142,6 +237,7 @@ class Classifier(L.LightningModule):
         class_fingerprint: str = "",
         head: str = "linear",
         min_lr: float = 1e-6,
+        memory_size: int = 8192,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -153,16 +249,23 @@ class Classifier(L.LightningModule):
         if head == "trex":  # the network ends at its pooled features; the head takes over
             fc = replace_module(self.net, self._classifier_path, nn.Identity())
             self.head = TrexHead(fc.in_features, len(class_keys))
+        elif head == "trex-ocm":
+            fc = replace_module(self.net, self._classifier_path, nn.Identity())
+            self.head = OcmHead(self.net, fc.in_features, len(class_keys), memory_size)
 
     def on_fit_start(self) -> None:
         if self.device.type == "cuda":
             self.net.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+            if isinstance(self.head, OcmHead):
+                self.head.backbone_ema.to(memory_format=torch.channels_last)
+
+    @staticmethod
+    def _channels_last(images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if images.is_cuda else images
 
     def _backbone(self, images: torch.Tensor) -> torch.Tensor:
-        """The network's output: class logits (linear head) or pooled features (trex head)."""
-        if images.is_cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images)
+        """The network's output: class logits (linear head) or pooled features (trex heads)."""
+        return self.net(self._channels_last(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits ``[B, classes]`` (evaluation)."""
@@ -195,6 +298,10 @@ class Classifier(L.LightningModule):
         # Rows are crop-major (row k*B + i is crop k of image i): the labels repeat per crop.
         targets = labels.repeat(crops_per_image)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        if isinstance(self.head, OcmHead):  # t-ReX: only the first global crops update the memory
+            first_crops = images if isinstance(images, torch.Tensor) else images[0]
+            gather = self.all_gather if self._trainer is not None and self._trainer.world_size > 1 else None
+            self.head.update_memory(self.net, self._channels_last(first_crops[: len(labels)]), labels, gather)
         # Top-1 on the first resolution (the global crops): comparable with single-crop runs.
         first = images.shape[0] if isinstance(images, torch.Tensor) else group_by_resolution(list(images))[0].shape[0]
         top1 = (logits[:first].argmax(1) == targets[:first]).float().mean()

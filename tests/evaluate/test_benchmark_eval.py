@@ -147,3 +147,23 @@ def test_markdown_tables(tmp_path, model):
     assert tab1[2] == f"| run | {result.top1:.2f} | - | - | - | - |"
     probes = [{"dataset": "pets", "top1": 50.0, "top1_std": 1.5}, {"dataset": "dtd", "top1": 30.0, "top1_std": 0.0}]
     assert tab2_markdown("run", probes).splitlines()[2] == "| run | 50.00 ± 1.50 | 30.00 | 40.00 |"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("all_classes", [False, True])
+def test_a_subset_model_on_imagenet_r_is_scored_with_both_prediction_sets_and_tabled_labelled(
+    tmp_path, model, all_classes
+):
+    """The model knows 4 classes, ImageNet-R shares 3 of them: among the 3 (the protocol) and among all
+    4 (--all_classes) both come out of one pass, each equal to the image-by-image recomputation."""
+    folder = write_image_folder(tmp_path / "imagenet-r", KEYS[1:], per_class=4)
+    r = evaluate(model, folder, "in-r", all_classes=all_classes)
+    shared, every = expected_scores(model, folder, present_only=True), expected_scores(model, folder, False)
+    chosen, other = (every, shared) if all_classes else (shared, every)
+    assert (r.predicted_among, r.other_among) == ((4, 3) if all_classes else (3, 4))
+    assert (r.top1, r.top5) == pytest.approx(chosen) and (r.other_top1, r.other_top5) == pytest.approx(other)
+    tab1 = tab1_markdown("run", [r]).splitlines()
+    assert tab1[0] == "| Model | IN-Val | IN-v2 | IN-Sketch | IN-R (among 3 shared) | IN-R (among all 4) | IN-A |"
+    assert tab1[2] == f"| run | - | - | - | {shared[0]:.2f} | {every[0]:.2f} | - |"
+    full = evaluate(model, write_image_folder(tmp_path / "all", KEYS, per_class=1), "in-r")
+    assert full.other_among is None and "IN-R |" in tab1_markdown("run", [full])  # nothing to choose: one column

@@ -74,8 +74,13 @@ def test_benchmarks_as_released_table_matches_json(tmp_path, run_checkpoint, rel
     assert by_name["in-a"]["classes"] == len(set(KEYS) & set(synsets("in-a")))
     tab1, tab2 = table_cells(result.stdout, 0), table_cells(result.stdout, 1)
     assert tab1["Model"] == tab2["Model"] == "tiny/version_0 (last)"
-    for title, name in (("IN-Val", "in-val"), ("IN-v2", "in-v2"), ("IN-R", "in-r"), ("IN-A", "in-a")):
+    for title, name in (("IN-Val", "in-val"), ("IN-v2", "in-v2"), ("IN-R", "in-r")):
         assert tab1[title] == f"{by_name[name]['top1']:.2f}"
+    a = by_name["in-a"]  # the model knows classes IN-A lacks: both prediction sets, labelled
+    assert (a["predicted_among"], a["other_among"]) == (a["classes"], len(KEYS)) and a["classes"] < len(KEYS)
+    assert tab1[f"IN-A (among {a['classes']} shared)"] == f"{a['top1']:.2f}"
+    assert tab1[f"IN-A (among all {len(KEYS)})"] == f"{a['other_top1']:.2f}"
+    assert by_name["in-r"]["other_among"] is None  # it shares all 6: one prediction set
     assert tab1["IN-Sketch"] == "-"
     (shapes,) = report["probes"]
     assert (shapes["dataset"], shapes["seeds"], shapes["n_test"], shapes["n_classes"]) == ("folder-shapes", 2, 6, 2)

@@ -76,3 +76,32 @@ def test_a_resumed_checkpoint_must_hold_this_runs_network(tmp_path):
         check_resume_model(str(path), TrainConfig(arch="resnet18"))
     torch.save({"state_dict": {}}, path)  # no hyper-parameters to compare: nothing to say
     check_resume_model(str(path), TrainConfig(arch="resnet18"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--train.head", "trex-ocm", "--train.memory_size", "12", "--trainers", "2"],
+            "--train.memory_size 12 is smaller than one global batch (2 rank(s) x 8 images)",
+        ),
+        (
+            ["--train.augment", "multicrop", "--train.global_blur_p", "1.2"],
+            "--train.global_blur_p must be a probability",
+        ),
+        (["--train.warmup_fraction", "1.5"], "--train.warmup_fraction must be in [0, 1)"),
+    ],
+)
+def test_a_bad_recipe_is_one_line_and_exit_2_before_anything_starts(tmp_path, capsys, args, message):
+    import os
+
+    from conftest import ROOT, descendants
+
+    from streamgen.launch.launcher import main
+
+    code = main(
+        ["--config", str(ROOT / "configs/smoke_tiny.yaml"), "--out", str(tmp_path / "runs"), "--model", "fake", *args]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists() and not descendants(os.getpid())

@@ -447,6 +447,77 @@ def test_sigterm_stops_ddp_ranks_at_the_same_step_without_tracebacks(train_run, 
         assert marker not in run.output
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _launcher_children(run) -> list[int]:
+    """The processes the launcher started (``run.proc`` is GNU timeout, whose child is the launcher)."""
+    processes = run.processes()
+    launcher = next(pid for pid in processes if _parent(pid) == run.proc.pid)
+    return [pid for pid in processes if _parent(pid) == launcher]
+
+
+def _resume_and_compare(train_run, tmp_path, args, name: str, step: int, ranks: int) -> None:
+    """Resume ``name``'s version_0 from last.ckpt for 3 more steps: the two audit trails together
+    are the uninterrupted run's (rank r of T consumes units r, r + T, ... at steps 0, 1, ...:
+    tests/launch/test_launcher.py's two-rank and smoke runs show that order)."""
+    first = tmp_path / "runs" / name / "version_0"
+    again = train_run(
+        *args, "--train.max_steps", str(step + 3), "--name", name, "--resume", str(first / "checkpoints/last.ckpt")
+    )
+    assert again.wait(300) == 0, again.output[-3000:]
+    second = first.with_name("version_1")
+    for rank in range(ranks):
+        trail = read_consumed(first, rank) + read_consumed(second, rank)
+        assert trail == [(s, s * ranks + rank) for s in range(step + 3)], rank
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_timeout_signals_the_whole_group_and_the_run_still_saves_and_resumes_exactly(train_run, tmp_path):
+    """GNU timeout sends SIGTERM to its command and then to the command's process group: the
+    launcher sees it twice and every child once. One interruption: last.ckpt, exit 130."""
+    shm_before = shm_entries()
+    args = (*FAST, "--generators", "1", "--train.checkpoint_every", "1000", "--train.log_every", "5")
+    run = train_run(*args, "--train.max_steps", "100000", "--name", "grouped", wrap=("timeout", "900"))
+    run.wait_for(PROGRESS, 240)
+    children = _launcher_children(run)
+    assert len(children) >= 2  # a generator and a trainer (and multiprocessing's resource tracker)
+    for pid in children:  # delivered to the children alone: ignored, the launcher decides
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(3)
+    assert run.proc.poll() is None and "saving last.ckpt" not in run.output and "restart" not in run.output
+    run.proc.send_signal(signal.SIGALRM)  # GNU timeout's own alarm: its time is up
+    time.sleep(0.5)  # the copies need not coincide (srun forwards SLURM's signal as SLURM sends it):
+    os.killpg(run.proc.pid, signal.SIGTERM)  # one arriving after the stop began is the same interruption
+    assert run.wait(240) == 124, run.output[-3000:]  # timeout's status for a command it timed out
+    assert "interrupted again" not in run.output and "stopping at once" not in run.output
+    folder = tmp_path / "runs" / "grouped" / "version_0"
+    step = _assert_stopped_with_last_checkpoint(run, folder, shm_before)
+    assert 0 < step < 1000  # written by the stop, not by a periodic checkpoint
+    _resume_and_compare(train_run, tmp_path, args, "grouped", step, ranks=1)
+
+
+@pytest.mark.long  # also: test_timeout_signals_the_whole_group_..., test_sigterm_stops_ddp_ranks_...
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigterm_to_the_process_group_stops_ddp_ranks_at_one_step_and_resumes_exactly(train_run, tmp_path):
+    """SLURM's pre-emption and scancel signal every process of the job: launcher, generators and
+    both trainer ranks get SIGTERM at once."""
+    shm_before = shm_entries()
+    args = (*FAST, "--generators", "1", "--trainers", "2", "--train.checkpoint_every", "1000")
+    run = train_run(*args, "--train.max_steps", "100000", "--name", "grouped-ddp")
+    run.wait_for(PROGRESS, 300)
+    time.sleep(2)
+    os.killpg(run.proc.pid, signal.SIGTERM)
+    assert run.wait(240) == 130, run.output[-3000:]
+    assert "interrupted again" not in run.output
+    folder = tmp_path / "runs" / "grouped-ddp" / "version_0"
+    step = _assert_stopped_with_last_checkpoint(run, folder, shm_before, ranks=2)
+    _resume_and_compare(train_run, tmp_path, args, "grouped-ddp", step, ranks=2)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_dead_trainer_stops_the_run(train_run):
@@ -667,3 +738,34 @@ def test_smoke_run_on_gpus(train_run, tmp_path):
     run = train_run("--generators", "1", "--trainers", "1", "--generator.compile", "on")
     assert run.wait(540) == 0, run.output[-3000:]
     assert len(read_consumed(run_dir(tmp_path))) == 50
+
+
+def test_copies_of_one_sigterm_are_one_interruption_and_a_later_signal_stops_at_once(monkeypatch):
+    from streamgen.launch import launcher
+
+    clock = [100.0]
+    monkeypatch.setattr(launcher.time, "monotonic", lambda: clock[0])
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        interrupts = launcher._Interrupts()
+        with pytest.raises(launcher._Terminate):
+            interrupts(signal.SIGTERM, None)  # the first: stop with a checkpoint
+        clock[0] += 0.01
+        assert interrupts(signal.SIGTERM, None) is None  # timeout's copy to the group: the same stop
+        clock[0] += 1.5
+        assert interrupts(signal.SIGTERM, None) is None  # SLURM's copy to every process of the job
+        assert interrupts.count == 1 and signal.getsignal(signal.SIGTERM) == previous[signal.SIGTERM]
+        clock[0] += 1.0  # past the window: a second interruption, stop at once
+        with pytest.raises(launcher._Terminate):
+            interrupts(signal.SIGTERM, None)
+        assert interrupts.count == 2 and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+
+        ctrl_c = launcher._Interrupts()
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c(signal.SIGINT, None)
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C, however soon, stops at once
+            ctrl_c(signal.SIGINT, None)
+        assert ctrl_c.count == 2
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

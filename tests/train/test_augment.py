@@ -247,12 +247,17 @@ def test_every_crop_of_every_image_draws_its_own_parameters():
         assert torch.equal(params["order"].sort(1).values, torch.arange(4).expand(len(rows), 4))
 
 
-def test_grayscale_and_blur_rates_match_the_recipe():
-    """About 20% of crops come out gray (R = G = B), with a binomial tolerance; blur coins at 1.0 / 0.5."""
+@pytest.mark.parametrize("blur", [(), ("--train.global_blur_p", "0.9", "--train.local_blur_p", "0.1")])
+def test_grayscale_and_blur_rates_match_the_recipe(blur):
+    """About 20% of crops come out gray (R = G = B), with a binomial tolerance; blur coins at t-ReX's
+    0.2 (global) / 0.5 (local) by default (naver/trex multi_crop.py), or at the configured rates."""
     torch.manual_seed(0)
-    multicrop = MultiCrop(16, 8, global_crops=2, local_crops=4)
+    args = ["--stream.resolution", "24", "--train.crop", "16", "--train.local_crop", "8", "--train.augment"]
+    cfg = parse_config([*args, "multicrop", "--train.global_crops", "2", "--train.local_crops", "4", *blur])
+    multicrop = build_augment(cfg.train)
     crops = multicrop(random_images(200, 24))
-    for out, params, blur_p in zip(crops, multicrop.params, (1.0, 0.5)):
+    rates = (0.9, 0.1) if blur else (0.2, 0.5)
+    for out, params, blur_p in zip(crops, multicrop.params, rates):
         pixels = denormalize(out)
         gray = ((pixels[:, 0] - pixels[:, 1]).abs().amax((1, 2)) < 1e-4) & (
             (pixels[:, 1] - pixels[:, 2]).abs().amax((1, 2)) < 1e-4
@@ -405,6 +410,16 @@ def test_crops_are_grouped_crop_major():
         (["--train.augment", "multicrop", "--train.local_crop", "64"], "--train.local_crop 64 is larger"),
         (["--train.crop", "300"], "--train.crop 300 is larger"),
         (["--train.warmup_epochs", "2"], "--train.warmup_epochs needs --source cache"),
+        (["--train.global_blur_p", "1.5"], "--train.global_blur_p must be a probability in [0, 1] (got 1.5)"),
+        (["--train.augment", "multicrop", "--train.local_blur_p", "2"], "--train.local_blur_p must be a probability"),
+        (["--train.local_blur_p", "-0.5"], "--train.local_blur_p must be >= 0"),
+        (["--train.warmup_fraction", "1"], "--train.warmup_fraction must be in [0, 1) (got 1.0)"),
+        (["--train.warmup_fraction", "-0.1"], "--train.warmup_fraction must be >= 0"),
+        (
+            ["--source", "cache", "--train.warmup_fraction", "0.1", "--train.warmup_epochs", "1"],
+            "--train.warmup_fraction and --train.warmup_epochs both set the warm-up",
+        ),
+        (["--train.head", "trex-ocm", "--train.memory_size", "0"], "--train.memory_size must be at least 1"),
     ],
 )
 def test_bad_recipe_is_one_clear_line(args, message):

@@ -162,7 +162,7 @@ def test_loss_averages_over_crops_with_the_label_repeated():
     torch.testing.assert_close(logged["train/top1_stream"], top1)  # on the global crops only
 
 
-@pytest.mark.parametrize("hparams", [{"head": "trex"}, {}])
+@pytest.mark.parametrize("hparams", [{"head": "trex"}, {"head": "trex-ocm", "memory_size": 32}, {}])
 def test_checkpoint_round_trip_keeps_the_head(tmp_path, hparams):
     """eval.py's load_from_checkpoint rebuilds the head from hparams; checkpoints without one are linear."""
     torch.manual_seed(0)
@@ -188,10 +188,10 @@ def test_checkpoint_round_trip_keeps_the_head(tmp_path, hparams):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_train_py_with_multicrop_and_trex_head_completes(train_run, tmp_path):
+def test_train_py_with_multicrop_and_trex_ocm_head_completes(train_run, tmp_path):
     run = train_run(
         "--model", "fake", "--generators", "1", "--trainers", "1", "--train.augment", "multicrop",
-        "--train.head", "trex", "--train.max_steps", "6", "--train.log_every", "2",
+        "--train.head", "trex-ocm", "--train.memory_size", "64", "--train.max_steps", "6", "--train.log_every", "2",
         "--train.checkpoint_every", "6", "--train.preview_every", "3",
     )  # fmt: skip
     assert run.wait(240) == 0, run.output[-3000:]
@@ -201,9 +201,11 @@ def test_train_py_with_multicrop_and_trex_head_completes(train_run, tmp_path):
     from streamgen.evaluate.benchmark_eval import load_classifier
 
     model = load_classifier(folder / "checkpoints" / "last.ckpt", torch.device("cpu"))
-    assert model.hparams.head == "trex" and model.hparams.label_smoothing == 0.0
+    assert model.hparams.head == "trex-ocm" and model.hparams.label_smoothing == 0.0
+    assert int(model.head.memory.ptr) == 6 * 8 % 64  # 6 steps of 8 first global crops entered the memory
     with torch.no_grad():
         assert model.features(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)  # logits against the 10 prototypes
 
 
 def test_recipe_checks_before_anything_starts():
@@ -215,4 +217,62 @@ def test_recipe_checks_before_anything_starts():
     with pytest.raises(UsageError, match="squeezenet1_0 has none"):
         check_recipe(TrainConfig(head="trex", arch="squeezenet1_0"), "gpu")  # a convolutional classifier
     with pytest.raises(UsageError, match="sync_batchnorm needs GPUs"):
-        check_recipe(TrainConfig(sync_batchnorm=True), "cpu")
+        check_recipe(TrainConfig(sync_batchnorm=True), "cpu", world=2)
+    check_recipe(TrainConfig(sync_batchnorm=True), "cpu", world=1)  # one rank: plain BatchNorm (paper configs)
+
+
+# -- trex-ocm: t-ReX's class prototypes from a memory (naver/trex trex.py, Memory) -----------------
+
+
+def test_prototype_memory_by_hand():
+    from streamgen.train.model import PrototypeMemory
+
+    memory = PrototypeMemory(dim=2, size=4, num_classes=3)
+    memory.features.copy_(torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, -1.0]]))
+    memory.labels.copy_(torch.tensor([0, 0, 1, 1]))
+    # class 0: (1,0) + (3,0) = (4,0) -> (1,0); class 1: (0,2) + (0,-1) = (0,1); class 2: none -> 0
+    assert torch.allclose(memory.class_weights(), torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    memory.update(torch.tensor([[5.0, 5.0], [6.0, 6.0]]), torch.tensor([2, 2]))  # first in, first out
+    assert memory.features[:2].tolist() == [[5.0, 5.0], [6.0, 6.0]] and int(memory.ptr) == 2
+    memory.update(torch.tensor([[7.0, 0.0], [8.0, 0.0], [9.0, 0.0]]), torch.tensor([1, 1, 1]))
+    # past the end: cut there (t-ReX drops the rest), the next write starts at 0
+    assert memory.features.tolist() == [[5.0, 5.0], [6.0, 6.0], [7.0, 0.0], [8.0, 0.0]] and int(memory.ptr) == 0
+    assert memory.labels.tolist() == [2, 2, 1, 1]
+    assert torch.allclose(memory.class_weights(), torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.7071, 0.7071]]), atol=1e-4)
+
+
+def test_ocm_logits_are_cosines_to_the_prototypes_before_the_step_and_the_memory_takes_the_ema_features():
+    from streamgen.train.model import OcmHead
+
+    torch.manual_seed(0)
+    model = Classifier("resnet18", ["a", "b", "c"], head="trex-ocm", memory_size=16)
+    head = model.head
+    assert isinstance(head, OcmHead) and head.memory.features.shape == (16, 256)
+    assert all(not p.requires_grad for p in [*head.backbone_ema.parameters(), *head.projector_ema.parameters()])
+    optimizer = model.configure_optimizers()["optimizer"]  # the EMA copy is not optimised
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]}.isdisjoint(
+        {id(p) for p in head.backbone_ema.parameters()}
+    )
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+    before = head.memory.class_weights().clone()
+    model.train()
+    with torch.no_grad():
+        features = F_normalize(head.projector(model.net(images)))
+        assert torch.allclose(model.forward_crops(images), features @ before.t() / 0.1, atol=1e-5)  # cos / tau
+    live = [p.detach().clone() for p in model.net.parameters()]
+    ema_before = [p.clone() for p in head.backbone_ema.parameters()]
+    for p in model.net.parameters():  # the live network has moved away from its EMA copy
+        p.data.add_(0.5)
+    loss = model.training_step({"image": images, "label": labels}, 0)
+    assert torch.isfinite(loss)
+    for ema, old, p in zip(head.backbone_ema.parameters(), ema_before, live):  # ema = 0.999 ema + 0.001 live
+        assert torch.allclose(ema, 0.999 * old + 0.001 * (p + 0.5), atol=1e-6)
+    assert int(head.memory.ptr) == 4 and head.memory.labels[:4].tolist() == [0, 1, 2, 1]
+    with torch.no_grad():
+        written = head.projector_ema(head.backbone_ema(images))
+    assert torch.allclose(head.memory.features[:4], written, atol=1e-5)
+    assert not torch.equal(head.memory.class_weights(), before)  # the next step sees the new prototypes
+
+
+def F_normalize(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=1)
