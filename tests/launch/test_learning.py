@@ -11,7 +11,7 @@ Two oracles, independent of the trainer:
   (10 classes: 0.10), and the same checkpoint on the validation folders with their labels
   permuted near chance (eval.py, as a user runs it).
 
-Measured on the 2-core CPU, loaded (see README, smoke): val top-1 0.67 (stream, 1 rank), 0.55
+Measured on the 2-core CPU, loaded (see README, smoke): val top-1 0.59-0.67 (stream, 1 rank), 0.55
 (2 ranks), 0.48 (cache), 0.62 (resumed) after the smoke's 200 steps; the permuted controls
 0.01-0.03 (a cyclic permutation: a model that learned scores below chance). The thresholds keep a
 wide margin: LEARNED 0.3 = 3x chance; permuted below 0.2.
