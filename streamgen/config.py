@@ -55,6 +55,12 @@ class GeneratorConfig:
     safety_checker: bool = _f(False, "run the model's NSFW safety checker; flagged (black) images are redrawn")
     max_redraws: int = _f(3, "redraws of a sample whose image comes out black or non-finite")
     threads: int = _f(0, "CPU threads per generator (0: the cores shared among all processes)")
+    seconds_per_image: float | None = _f(
+        None,
+        "built-in generators (--model shapes or fake) only: each image takes this many seconds of its generator "
+        "(it sleeps for the rest), to give a CPU run the cost ratio of generation to training of SD and a ResNet on "
+        "GPUs (ratio = this x the trainer's images/s); unset: as fast as they go",
+    )
 
 
 @dataclass
@@ -161,6 +167,11 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "most recent checkpoints kept")
     val_dir: str | None = _f(
         None, "real images, one folder per WordNet id (ImageNet-val layout), evaluated while training"
+    )
+    val_shapes: int = _f(
+        0,
+        "render this many held-out images per class of the shapes benchmark (--model shapes; seeds no training "
+        "sample has) into the run folder's val_shapes/ and validate on them as on a val_dir (0: none)",
     )
     val_every: int = _f(5000, "steps between evaluations on val_dir")
     val_batch_size: int = _f(256, "batch size of the evaluation on val_dir")
@@ -501,6 +512,9 @@ def parse_config(argv: list[str] | None, prog: str = "train.py", description: st
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need nothing but the values themselves."""
+    pace = cfg.generator.seconds_per_image
+    if pace is not None and not (pace > 0 and math.isfinite(pace)):  # before the generic ">= 0": 0 is refused too
+        raise UsageError(f"--generator.seconds_per_image must be > 0 (got {pace:g}); leave it unset for full speed")
     _validate_numbers(cfg)
     g, s, t = cfg.generator, cfg.stream, cfg.train
     checks = [

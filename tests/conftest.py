@@ -196,7 +196,7 @@ def memfd_holders(pids: list[int], prefix: str = "memfd:streamgen") -> list[int]
     return holders
 
 
-def train_cmd(*args: str, config: str = "configs/smoke.yaml") -> list[str]:
+def train_cmd(*args: str, config: str = "configs/smoke_tiny.yaml") -> list[str]:
     return [PYTHON, str(ROOT / "train.py"), "--config", str(ROOT / config), *args]
 
 
@@ -256,7 +256,7 @@ def train_run(tmp_path):
     runs: list[TrainRun] = []
 
     def start(
-        *args: str, config: str = "configs/smoke.yaml", env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()
+        *args: str, config: str = "configs/smoke_tiny.yaml", env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()
     ) -> TrainRun:
         # wrap: a command that runs train.py, e.g. ("timeout", "900") as a user's script does
         run = TrainRun([*wrap, *train_cmd("--out", str(tmp_path / "runs"), *args, config=config)], tmp_path, env)

@@ -22,7 +22,7 @@ import streamgen
 
 STAGES = ("plan", "generate", "stream", "cache", "train", "evaluate", "launch", "compare")
 FOUNDATION = {"streamgen", "streamgen.config", "streamgen.errors", "streamgen.data"}
-ENTRY_POINTS = {"streamgen.prompts", "streamgen.cache.__main__"}
+ENTRY_POINTS = {"streamgen.prompts", "streamgen.cache.__main__", "streamgen.shapes"}
 
 
 def modules() -> dict[str, Path]:

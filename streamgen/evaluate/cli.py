@@ -282,6 +282,10 @@ def prepare(args: argparse.Namespace) -> Plan:
         raise UsageError(f"--resize {args.resize} is smaller than the crop {crop}; the crop must fit in the image")
     model = load_classifier(args.checkpoint, device)
     keys = list(model.hparams.class_keys)
+    from streamgen.generate.shapes import check_val_set
+
+    for b in benchmarks:  # a shapes validation set scores only the classes it was rendered for
+        check_val_set(b.root, keys, "--data")
     labelled = [(b, model_samples(b, keys, "--data")) for b in benchmarks]
     return Plan(args, device, out, crop, crop_source, model, labelled, probes, usable_workers(args.workers))
 

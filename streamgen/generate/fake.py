@@ -24,6 +24,7 @@ class FakeGenerator:
         self.batch_size, self.out_resolution, self.device = cfg.batch_size, out_resolution, device
         self.redraws = 0
         self.delay = float(os.environ.get(DELAY_ENV) or 0)  # tests and bench/replay.py: a slow generator
+        self.seconds_per_image = cfg.seconds_per_image or 0.0  # --generator.seconds_per_image
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -39,7 +40,11 @@ class FakeGenerator:
 
     @torch.inference_mode()
     def generate_into(self, out: torch.Tensor, prompts: list[str], seeds: list[int]) -> None:
+        started = time.monotonic()
         out.copy_(self.generate(prompts, seeds))
+        left = started + len(seeds) * self.seconds_per_image - time.monotonic()
+        if left > 0:
+            time.sleep(left)
 
     def warmup(self) -> None:
         pass

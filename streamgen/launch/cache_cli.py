@@ -67,8 +67,8 @@ def _finished_cache(cfg: RunConfig, command: str) -> tuple[SamplePlan, CacheSpec
 def cmd_build(cfg: RunConfig) -> int:
     from streamgen.cache.build import CacheBuildFailed, build_cache, build_slots, supervision
     from streamgen.generate.diffusion import check_generator
-    from streamgen.generate.fake import FAKE
     from streamgen.generate.pipeline import resolve_model
+    from streamgen.generate.shapes import PROCEDURAL, check_procedural
     from streamgen.launch.checks import assign_devices
     from streamgen.launch.nodes import resolve_placement
     from streamgen.stream.worker import WorkerSpec
@@ -76,9 +76,10 @@ def cmd_build(cfg: RunConfig) -> int:
     placement = resolve_placement(cfg.dist)  # several nodes: each makes its share of the shards
     plan, classes, counts = _plan(cfg)
     spec = check_cache(cfg, classes.fingerprint(), counts, len(classes))
-    model = cfg.model if cfg.model == FAKE else resolve_model(cfg.model)
+    check_procedural(cfg.model, classes.keys, cfg.generator.seconds_per_image)
+    model = cfg.model if cfg.model in PROCEDURAL else resolve_model(cfg.model)
     devices, _, _ = assign_devices(cfg.generators, 0)
-    if model != FAKE:
+    if model not in PROCEDURAL:
         check_generator(cfg.generator, devices[0].split(":")[0])
     if spec.complete:
         log(f"the cache in {cfg.cache.dir} is complete ({spec.layout.images} images): nothing to build")

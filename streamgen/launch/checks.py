@@ -27,6 +27,7 @@ from streamgen.evaluate.transfer import check_probes
 from streamgen.generate.diffusion import check_generator
 from streamgen.generate.fake import FAKE
 from streamgen.generate.pipeline import resolve_model
+from streamgen.generate.shapes import PROCEDURAL, check_class_count, check_procedural, check_val_set
 from streamgen.launch.cache_checks import check_cache_run
 from streamgen.launch.nodes import DEFAULT_PORT, Placement, resolve_placement
 from streamgen.launch.resume import read_checkpoint, resolve_resume
@@ -460,14 +461,22 @@ def prepare(cfg: RunConfig) -> Job:
     plan = SamplePlan(classes, PromptTemplate.parse(cfg.prompt), cfg.seed, counts)
     if cfg.train.val_dir:  # exists, has a known layout and images of the run's classes
         check_folder(cfg.train.val_dir, classes.keys, "--train.val_dir")
+        check_val_set(cfg.train.val_dir, classes.keys)  # a shapes set: rendered for these classes
+    if cfg.train.val_shapes:
+        if cfg.train.val_dir:
+            raise UsageError(
+                "--train.val_shapes renders the run's validation set, --train.val_dir names one: give one of the two"
+            )
+        check_class_count(len(classes), "--train.val_shapes")
+    check_procedural(cfg.model, classes.keys, cfg.generator.seconds_per_image)
     if cfg.train.probes:  # every NAME=ROOT read as its dataset is released; the arch has the pooled features
         check_probes(cfg.train.probes)
         check_probe_arch(cfg.train.arch)
-    model = cfg.model if cfg.model == FAKE else resolve_model(cfg.model)
+    model = cfg.model if cfg.model in PROCEDURAL else resolve_model(cfg.model)
     if Path(model).is_dir():
         check_model_components(model)
     generator_devices, accelerator, trainer_devices = assign_devices(cfg.generators, cfg.trainers)
-    if model != FAKE:
+    if model != FAKE:  # shapes too: the same settings are refused whatever the model
         check_generator(cfg.generator, "cuda" if accelerator == "gpu" else "cpu")
     check_recipe(cfg.train, accelerator, cfg.trainers * placement.nodes, cfg.stream.batch_size)
     slots = slots_per_rank(cfg)

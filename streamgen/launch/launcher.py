@@ -124,7 +124,7 @@ def resolved_config(job: Job) -> dict:
 
     from streamgen.config import local_crop_size
     from streamgen.generate.diffusion import compiles, resolve_dtype
-    from streamgen.generate.fake import FAKE
+    from streamgen.generate.shapes import PROCEDURAL
     from streamgen.launch.rank import resolve_precision
 
     cfg = to_dict(job.cfg)
@@ -132,7 +132,7 @@ def resolved_config(job: Job) -> dict:
     device = torch.device(job.generator_devices[0])  # naming a device does not initialise CUDA
     gen_threads, trainer_threads = _threads_per_process(job)
     g["dtype"] = str(resolve_dtype(g["dtype"], device)).removeprefix("torch.")
-    compiled = job.model != FAKE and compiles(job.cfg.generator, device.type)
+    compiled = job.model not in PROCEDURAL and compiles(job.cfg.generator, device.type)
     g["compile"] = "on" if compiled else "off"
     g["compile_vae"] = compiled and g["compile_vae"]
     g["threads"] = gen_threads or torch.get_num_threads()  # 0 on GPU: torch's default
@@ -241,6 +241,8 @@ def run(job: Job, group: NodeGroup | None = None, argv: list[str] | None = None)
     status, reason = 1, STOP_REASON
     try:
         run_dir = _run_dir(job, group)
+        if cfg.train.val_shapes:
+            _render_val_shapes(job, run_dir)
         if cfg.source == "cache":
             _build_cache_first(job, group)  # with the run's generators; then training needs none
         supervisor = _build_supervisor(job) if cfg.source == "stream" else NoGenerators()
@@ -314,6 +316,17 @@ def resume_command(argv: list[str], run_dir: Path) -> str:
         elif not arg.startswith("--resume="):
             kept.append(arg)
     return shlex.join(["python", "train.py", *kept, "--resume", str(run_dir)])
+
+
+def _render_val_shapes(job: Job, run_dir: Path) -> None:
+    """--train.val_shapes N: the shapes benchmark's held-out set for this run's classes, rendered
+    into the run folder at the stream resolution (a second), then validated on as a val_dir."""
+    from streamgen.generate.shapes import render_val_set
+
+    cfg = job.cfg
+    folder = render_val_set(run_dir / "val_shapes", job.plan.classes.keys, cfg.train.val_shapes, cfg.stream.resolution)
+    cfg.train.val_dir = str(folder)
+    log(f"validation: {cfg.train.val_shapes} held-out shapes images per class in {folder}")
 
 
 class NoGenerators:

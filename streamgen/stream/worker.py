@@ -2,7 +2,8 @@
 
 `worker_main` takes jobs (rank, slot, unit) from the supervisor (`streamgen.stream.supervisor`),
 makes the unit's images with its generator (`make_generator`: Stable Diffusion, or the built-in
-``fake`` one), writes them with their labels and ids straight into the queue slot and commits.
+``fake`` and ``shapes`` ones; a ``class_conditional`` generator is also handed each sample's
+label), writes them with their labels and ids straight into the queue slot and commits.
 `GeneratorStats` holds each generator's counters in shared memory for the dashboard;
 `FaultInjection` is the testing hook that makes a generator fail on purpose.
 """
@@ -21,6 +22,7 @@ import torch
 from streamgen.config import GeneratorConfig
 from streamgen.generate.diffusion import DiffusionGenerator
 from streamgen.generate.fake import FAKE, FakeGenerator
+from streamgen.generate.shapes import SHAPES, ShapesGenerator
 from streamgen.plan.samples import SamplePlan, unit_ids
 from streamgen.stream.queue import SharedBuffer, SlotQueue, avoid_named_semaphores
 
@@ -30,6 +32,8 @@ FAULT_ENV = "STREAMGEN_INJECT_FAULT"  # testing hook, see `FaultInjection`
 def make_generator(cfg: GeneratorConfig, model: str, out_resolution: int, device: torch.device):
     if model == FAKE:
         return FakeGenerator(cfg, out_resolution, device)
+    if model == SHAPES:
+        return ShapesGenerator(cfg, out_resolution, device)
     return DiffusionGenerator(cfg, model, out_resolution, device)
 
 
@@ -156,7 +160,9 @@ def _serve(spec: WorkerSpec, conn, queues: list[SlotQueue], stats: GeneratorStat
         prompts = spec.plan.prompts(ids, labels)
         seeds = spec.plan.noise_seeds(ids).tolist()
         redraws_before = generator.redraws
-        generator.generate_into(view.images, prompts, seeds)  # device -> pinned slot, async
+        # A class-conditional generator (--model shapes) draws from the label, SD from the prompt.
+        conditioning = {"labels": labels} if getattr(generator, "class_conditional", False) else {}
+        generator.generate_into(view.images, prompts, seeds, **conditioning)  # device -> pinned slot, async
         if fault is not None:
             fault.maybe_fail(spec.index, spec.life, units_done)
         view.labels.copy_(torch.from_numpy(labels))

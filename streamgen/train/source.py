@@ -14,6 +14,11 @@ the audit trail of consumed samples (``consumed-rank{r}.tsv``) and the real-imag
 loader. A subclass provides ``train_dataloader``, the record of what was consumed
 (`_mark_consumed`, which also writes the audit line) and what to do once a batch's pixels are
 no longer needed (`_after_hand_off`, e.g. free a queue slot).
+
+A testing hook, ``STREAMGEN_AUDIT_PIXELS=1``, also appends to ``pixels-rank{r}.tsv`` one line
+per image the rank trains on (step, id, label, `pixel_digest` of its stream image), so that a
+test can check, batch by batch, that the label and the pixels of each image are those the plan
+makes for its id (tests/launch/test_learning.py). Off by default: it is per-sample Python.
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ import torch
 from streamgen.train.augment import train_augment
 
 PREVIEW_IMAGES = 16
+AUDIT_PIXELS_ENV = "STREAMGEN_AUDIT_PIXELS"  # testing hook: see the module docstring
+
+
+def pixel_digest(images: torch.Tensor) -> torch.Tensor:
+    """One int64 per uint8 image ``[B, 3, R, R]``: a position-weighted sum of its pixels (any
+    change of one pixel changes it)."""
+    flat = images.reshape(len(images), -1).to(torch.int64)
+    weights = torch.arange(flat.shape[1], device=flat.device, dtype=torch.int64) % 65521 + 1
+    return (flat * weights).sum(1)
 
 
 class SourceDataModule(L.LightningDataModule):
@@ -53,6 +67,8 @@ class SourceDataModule(L.LightningDataModule):
         self.preview_every = preview_every
         self.consumed_log = consumed_log
         self._log_file = None
+        self._pixel_file = None
+        self.audit_pixels = os.environ.get(AUDIT_PIXELS_ENV) == "1"
         # uint8 [B, 3, H, W] on the trainer's device -> normalised float [B, 3, crop, crop]
         self.augment: Callable[[torch.Tensor], torch.Tensor] = lambda images: train_augment(
             images, self.crop, self.min_scale
@@ -88,9 +104,21 @@ class SourceDataModule(L.LightningDataModule):
         # PREVIEW_IMAGES stream images, over as many batches as that takes (the dashboard gathers them)
         if self.preview_every and self.trainer.global_step % self.preview_every < -(-PREVIEW_IMAGES // len(images)):
             out["preview"] = images[:PREVIEW_IMAGES].clone()
+        if self.audit_pixels:
+            self._audit_pixels(images, out["label"], out["id"])
         self._after_hand_off(batch, images.device)
         self._mark_consumed(batch)
         return out
+
+    def _audit_pixels(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
+        """The testing hook's line per image: step, id, label, pixel digest (see the module docstring)."""
+        if self.consumed_log is None:
+            return
+        if self._pixel_file is None:
+            self._pixel_file = open(Path(self.consumed_log).parent / f"pixels-rank{self.rank}.tsv", "a", buffering=1)
+        step = self.trainer.global_step
+        rows = zip(ids.tolist(), labels.tolist(), pixel_digest(images).tolist())
+        self._pixel_file.write("".join(f"{step}\t{i}\t{lab}\t{d}\n" for i, lab, d in rows))
 
     # Whether train batches on the CPU are views of memory the source reuses (a queue slot).
     shares_memory = False
@@ -114,6 +142,9 @@ class SourceDataModule(L.LightningDataModule):
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._pixel_file is not None:
+            self._pixel_file.close()
+            self._pixel_file = None
 
     # -- every rank's position in checkpoints -------------------------------------------------
 

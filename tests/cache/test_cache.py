@@ -19,7 +19,7 @@ from streamgen.launch.cache_cli import main as cache_main
 from streamgen.launch.launcher import main as train_main
 from streamgen.train.cache_data import consumed_ids
 
-SMOKE = str(ROOT / "configs/smoke.yaml")
+SMOKE = str(ROOT / "configs/smoke_tiny.yaml")
 FAKE = ("--model", "fake", "--generators", "1")
 N = 96  # 12 units of 8 (smoke's stream.batch_size), shards of 4 units: 3 shards
 

@@ -87,7 +87,7 @@ def test_the_callback_probes_every_n_steps_beats_and_logs(shapes):
 )
 def test_bad_probes_are_one_line_and_exit_2_before_anything_starts(tmp_path, capsys, shapes, args, message):
     args = [a.replace("SHAPES", str(shapes)) for a in args]
-    code = main(["--config", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path / "runs"), *FAST, *args])
+    code = main(["--config", str(ROOT / "configs/smoke_tiny.yaml"), "--out", str(tmp_path / "runs"), *FAST, *args])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err and len(err.splitlines()) == 1, err

@@ -100,7 +100,7 @@ def test_a_bad_recipe_is_one_line_and_exit_2_before_anything_starts(tmp_path, ca
     from streamgen.launch.launcher import main
 
     code = main(
-        ["--config", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path / "runs"), "--model", "fake", *args]
+        ["--config", str(ROOT / "configs/smoke_tiny.yaml"), "--out", str(tmp_path / "runs"), "--model", "fake", *args]
     )
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err

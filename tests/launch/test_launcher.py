@@ -89,7 +89,7 @@ def test_smoke_run_logs_everything_and_leaves_nothing(train_run, tmp_path):
 def test_bad_input_is_one_line_and_exit_2_before_anything_starts(tmp_path, capsys, args, message):
     if "xformers" in args and _has_xformers():
         pytest.skip("xformers is installed here")
-    code = main(["--config", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path / "runs"), *args])
+    code = main(["--config", str(ROOT / "configs/smoke_tiny.yaml"), "--out", str(tmp_path / "runs"), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err and len(err.splitlines()) == 1
@@ -102,7 +102,7 @@ def test_a_generator_combination_that_cannot_work_is_refused_before_anything_sta
 
     monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))  # as if installed
     args = ["--generator.attention", "xformers", "--generator.compile", "on"]
-    code = main(["--config", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path / "runs"), *args])
+    code = main(["--config", str(ROOT / "configs/smoke_tiny.yaml"), "--out", str(tmp_path / "runs"), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "xformers' attention breaks torch.compile's graph" in err
@@ -135,7 +135,7 @@ def _resume_with_another_arch(tmp: Path) -> list[str]:
     from streamgen.plan.samples import UnitCursor
     from streamgen.train.stream_data import STATE_FORMAT
 
-    cfg = parse_config(["--config", str(ROOT / "configs/smoke.yaml")])
+    cfg = parse_config(["--config", str(ROOT / "configs/smoke_tiny.yaml")])
     state = {
         "format": STATE_FORMAT,
         **run_meta(cfg, load_classes(cfg.classes)),
@@ -200,7 +200,7 @@ def test_every_bad_value_is_one_line_and_exit_2_before_anything_starts(tmp_path,
     make_args, message = BAD_VALUES[case]
     args = make_args(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
-    code = main(["--config", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path / "runs"), *args])
+    code = main(["--config", str(ROOT / "configs/smoke_tiny.yaml"), "--out", str(tmp_path / "runs"), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert message in err and len(err.splitlines()) == 1, err
@@ -261,7 +261,7 @@ def test_bad_resume_checkpoints(tmp_path, capsys):
     torch.save({"state_dict": {}}, plain)
     for path, message in ((junk, "not a readable checkpoint"), (plain, "not a streamgen checkpoint")):
         code = main(
-            ["--config", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path / "runs"), "--resume", str(path)]
+            ["--config", str(ROOT / "configs/smoke_tiny.yaml"), "--out", str(tmp_path / "runs"), "--resume", str(path)]
         )
         assert code == 2 and message in capsys.readouterr().err
 
@@ -381,7 +381,7 @@ def test_sigterm_while_a_large_checkpoint_is_written_leaves_it_complete(
         "--resume",
         str(checkpoints / "last.ckpt"),
     ]
-    job = prepare(parse_config(["--config", str(ROOT / "configs/smoke.yaml"), *resumed]))
+    job = prepare(parse_config(["--config", str(ROOT / "configs/smoke_tiny.yaml"), *resumed]))
     assert next(job.cursors[0].pending()) == step  # the resumed stream starts at the next unit
 
 
@@ -568,7 +568,7 @@ def test_a_val_folder_is_checked_first_and_its_unreadable_images_are_skipped(tra
     keys = load_classes("imagenet100:10").keys
     other = write_image_folder(tmp_path / "other", ["n09999999"], per_class=1)  # none of the run's classes
     for val_dir, message in ((tmp_path / "nope", "does not exist"), (other, "none of its 1 classes")):
-        code = main(["--config", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path / "runs"), *FAST,
+        code = main(["--config", str(ROOT / "configs/smoke_tiny.yaml"), "--out", str(tmp_path / "runs"), *FAST,
                      "--train.val_dir", str(val_dir)])  # fmt: skip
         err = capsys.readouterr().err.strip()
         assert code == 2 and f"--train.val_dir {val_dir}: {message}" in err and len(err.splitlines()) == 1
@@ -682,7 +682,9 @@ def test_resume_with_another_class_set_is_refused(tmp_path, capsys):
         "cursors": [],
     }
     torch.save({StreamDataModule.__qualname__: state}, ckpt)
-    code = main(["--config", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path / "runs"), "--resume", str(ckpt)])
+    code = main(
+        ["--config", str(ROOT / "configs/smoke_tiny.yaml"), "--out", str(tmp_path / "runs"), "--resume", str(ckpt)]
+    )
     assert code == 2 and "another class set (imagenet1k); run with --classes imagenet1k" in capsys.readouterr().err
 
 

@@ -192,7 +192,7 @@ def test_resume_with_another_node_count_is_refused(tmp_path, capsys):
     }
     ckpt = tmp_path / "two-nodes.ckpt"
     torch.save({StreamDataModule.__qualname__: state}, ckpt)
-    config = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "smoke_tiny.yaml"
     code = main(["--config", str(config), "--out", str(tmp_path / "runs"), "--resume", str(ckpt)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1

@@ -76,7 +76,7 @@ def test_preview_shows_a_runs_own_prompts():
     from streamgen.config import parse_config
     from streamgen.plan.samples import SamplePlan
 
-    config = str(ROOT / "configs" / "smoke.yaml")
+    config = str(ROOT / "configs" / "smoke_tiny.yaml")
     rows = preview("--config", config, "--start", "100", "--n", "8")
     cfg = parse_config(["--config", config])  # what train.py makes of the same config
     plan = SamplePlan(load_classes(cfg.classes), PromptTemplate.parse(cfg.prompt), cfg.seed)

@@ -434,7 +434,7 @@ def test_the_default_recipe_is_valid_everywhere():
     cfg = RunConfig()
     cfg.train.augment, cfg.train.head = "multicrop", "trex"
     validate(cfg)  # 224/96 crops from 256 px stream images
-    cfg = parse_config(["--config", "configs/smoke.yaml", "--train.augment", "multicrop"])
+    cfg = parse_config(["--config", "configs/smoke_tiny.yaml", "--train.augment", "multicrop"])
     assert cfg.train.local_crop is None and cfg.train.label_smoothing == 0.0
 
 

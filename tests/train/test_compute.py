@@ -431,7 +431,7 @@ def test_a_cache_runs_build_counts_and_a_budget_it_used_up_is_refused(train_run,
     cache_dir = tmp_path / "cache"
     cache = train_run(
         "--model", "fake", "--train.budget_gpu_hours", str(budget), "--cache.dir", str(cache_dir),
-        "--cache.images", "64", "--train.max_steps", "100000", config="configs/smoke_cache.yaml",
+        "--cache.images", "64", "--train.max_steps", "100000", "--train.val_shapes", "0", config="configs/smoke_cache.yaml",
     )  # fmt: skip
     assert cache.wait(400) == 0, cache.output[-3000:]
     folder = tmp_path / "runs" / "smoke_cache" / "version_0"
@@ -439,7 +439,16 @@ def test_a_cache_runs_build_counts_and_a_budget_it_used_up_is_refused(train_run,
     step, total = assert_stopped_at_budget(folder, budget, max_steps=100000, build=build)
     scalars = read_scalars(folder)
     assert all(v == pytest.approx(build) for _, v in scalars["compute/generator_gpu_hours"])
-    assert scalars["data/unique_images"][-1] == (step, min(64, step * 8))
+    assert scalars["data/unique_images"][-1] == (
+        step,
+        min(
+            64,
+            step
+            * parse_config(
+                ["--config", str(Path(__file__).resolve().parents[2] / "configs/smoke_cache.yaml")]
+            ).stream.batch_size,
+        ),
+    )
     # The built cache costs more than a smaller budget: refused before anything starts, with the figures.
     root = Path(__file__).resolve().parents[2]
     small = f"{build / 2:.6f}"

@@ -127,7 +127,7 @@ def test_the_source_is_chosen_in_one_place(tmp_path):
     from streamgen.train.datamodule import make_datamodule
     from streamgen.train.stream_data import StreamDataModule
 
-    base = ["--config", str(ROOT / "configs/smoke.yaml"), "--model", "fake"]
+    base = ["--config", str(ROOT / "configs/smoke_tiny.yaml"), "--model", "fake"]
     stream = make_datamodule(prepare(parse_config(base)).source_spec(), 0, tmp_path)
     assert type(stream) is StreamDataModule
     cache_args = [
