@@ -286,7 +286,7 @@ def prepare(cfg: RunConfig) -> Job:
         check_model_components(model)
     generator_devices, accelerator, trainer_devices = assign_devices(cfg.generators, cfg.trainers)
     if model != FAKE:
-        check_generator(cfg.generator, "cuda" if accelerator == "gpu" else "cpu")
+        check_generator(cfg.generator, "cuda" if accelerator == "gpu" else "cpu", model)
     check_recipe(cfg.train, accelerator)
     slots = slots_per_rank(cfg)
     check_memory(cfg.trainers * slots * slot_nbytes(cfg.stream.batch_size, cfg.stream.resolution))
