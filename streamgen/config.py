@@ -511,7 +511,10 @@ def validate(cfg: RunConfig) -> None:
             g.scheduler in SCHEDULERS,
             f"--generator.scheduler must be {', '.join(SCHEDULERS)} (got {g.scheduler!r})",
         ),
-        (g.tome < 0.75 + 1e-9, f"--generator.tome must be at most 0.75 (got {g.tome:g}): ToMe-SD merges 3 of 4 tokens at most"),
+        (
+            g.tome < 0.75 + 1e-9,
+            f"--generator.tome must be at most 0.75 (got {g.tome:g}): ToMe-SD merges 3 of 4 tokens at most",
+        ),
         (g.eta is None or g.eta <= 1, f"--generator.eta must be in [0, 1] (got {g.eta})"),
         (
             g.dtype in ("auto", "float16", "bfloat16", "float32"),

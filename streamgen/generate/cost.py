@@ -76,10 +76,14 @@ def _component_flops(configs_json: str, resolution: int, tome: float, deepcache:
             helper.set_params(cache_interval=2, cache_branch_id=0)
             helper.enable()
         # DeepCache looks the timestep up with .item(): a CPU scalar (the UNet moves it to the latents' device)
-        out["unet_row"] = _flops(lambda: pipe.unet(latents, torch.tensor(1, device="cpu"), encoder_hidden_states=embeds))
+        out["unet_row"] = _flops(
+            lambda: pipe.unet(latents, torch.tensor(1, device="cpu"), encoder_hidden_states=embeds)
+        )
         out["unet_row_cached"] = out["unet_row"]
         if helper is not None:
-            out["unet_row_cached"] = _flops(lambda: pipe.unet(latents, torch.tensor(0, device="cpu"), encoder_hidden_states=embeds))
+            out["unet_row_cached"] = _flops(
+                lambda: pipe.unet(latents, torch.tensor(0, device="cpu"), encoder_hidden_states=embeds)
+            )
             helper.disable()
     return out
 

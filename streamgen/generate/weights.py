@@ -99,7 +99,9 @@ def resolve_unet(name: str) -> str:
 
 def check_peft() -> None:
     if importlib.util.find_spec("peft") is None:
-        raise UsageError("--generator.lora needs the peft package (diffusers' LoRA backend): pip install 'streamgen[lora]'")
+        raise UsageError(
+            "--generator.lora needs the peft package (diffusers' LoRA backend): pip install 'streamgen[lora]'"
+        )
 
 
 def _meta_modules(configs: dict[str, dict]) -> dict[str, torch.nn.Module]:
@@ -130,7 +132,9 @@ def check_lora_fits(spec: LoraSpec, configs: dict[str, dict]) -> None:
     try:
         state, _ = StableDiffusionPipeline.lora_state_dict(spec.file)
     except Exception as e:
-        raise UsageError(f"--generator.lora {spec.source}: not a LoRA diffusers can read ({type(e).__name__})") from None
+        raise UsageError(
+            f"--generator.lora {spec.source}: not a LoRA diffusers can read ({type(e).__name__})"
+        ) from None
     modules = _meta_modules(configs)
     for key, tensor in state.items():
         factor = next((f for suffix, f in _FACTORS.items() if key.endswith(suffix)), None)

@@ -15,7 +15,8 @@ PROMPTS = ["papillon", "pirate, pirate ship, ship", "tabby, tabby cat inside hoc
 SEEDS = [11, 22, 33]
 CPU = torch.device("cpu")
 needs_deepcache = pytest.mark.skipif(
-    importlib.util.find_spec("DeepCache") is None, reason="DeepCache is not installed (pip install 'streamgen[deepcache]')"
+    importlib.util.find_spec("DeepCache") is None,
+    reason="DeepCache is not installed (pip install 'streamgen[deepcache]')",
 )
 needs_tome = pytest.mark.skipif(
     importlib.util.find_spec("tomesd") is None, reason="tomesd is not installed (pip install 'streamgen[tome]')"
@@ -92,7 +93,9 @@ def test_compile_on_with_either_is_refused_in_one_line():
 
 def test_a_missing_package_is_one_line_naming_the_extra(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("DeepCache", "tomesd") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("DeepCache", "tomesd") else real(name, *a)
+    )
     with pytest.raises(UsageError, match=r"--generator.deepcache needs the DeepCache package.*streamgen\[deepcache\]"):
         check_generator(GeneratorConfig(deepcache=3), "cpu")
     with pytest.raises(UsageError, match=r"--generator.tome needs the tomesd package.*streamgen\[tome\]"):

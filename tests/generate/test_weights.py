@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_lora
 
 from streamgen.config import GeneratorConfig
 from streamgen.errors import UsageError
@@ -17,26 +18,6 @@ pytest.importorskip("peft", reason="peft (the [lora] extra) is not installed: Lo
 PROMPTS = ["papillon", "pirate, pirate ship, ship"]
 SEEDS = [11, 22]
 CPU = torch.device("cpu")
-
-
-def make_lora(folder: Path, seed: int = 0, **unet_changes) -> Path:
-    """A LoRA in diffusers' format with random low-rank weights (peft on a tiny UNet, saved by
-    diffusers' own save_lora_weights); ``unet_changes`` make it for another UNet's shapes."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet_config = dict(tiny_configs()[0], **unet_changes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(unet_config)
-        unet.add_adapter(
-            LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-        )
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
-    return folder / "pytorch_lora_weights.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +78,16 @@ def test_the_same_file_twice_gives_the_same_images_and_adds_up(lora):
 def test_a_lora_for_other_shapes_is_refused_before_start(tmp_path, lora):
     check_weights(GeneratorConfig(lora=[str(lora)]), "tiny")
     other = make_lora(tmp_path / "sd2", cross_attention_dim=48)  # as an SD 2.x LoRA (1024) on SD 1.x (768)
-    with pytest.raises(UsageError, match=r"--generator.lora .* is for another model: unet\..*attn2\.to_k has 48 inputs"):
+    with pytest.raises(
+        UsageError, match=r"--generator.lora .* is for another model: unet\..*attn2\.to_k has 48 inputs"
+    ):
         check_weights(GeneratorConfig(lora=[str(other)]), "tiny")
-    deeper = make_lora(tmp_path / "deeper", block_out_channels=(32, 64, 64), down_block_types=(
-        "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=(
-        "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    deeper = make_lora(
+        tmp_path / "deeper",
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
     with pytest.raises(UsageError, match=r"targets unet\..*which this model does not have"):
         check_weights(GeneratorConfig(lora=[str(deeper)]), "tiny")
     with pytest.raises(UsageError, match=r"--generator.lora 'nowhere/x' not found"):
