@@ -24,9 +24,9 @@ needs_tome = pytest.mark.skipif(
 
 
 def make(**kw) -> DiffusionGenerator:
-    settings = dict(resolution=64, steps=6, guidance=7.5, batch_size=3, compile="off")
+    settings = dict(resolution=32, steps=6, guidance=7.5, batch_size=3, compile="off")
     settings.update(kw)
-    return DiffusionGenerator(GeneratorConfig(**settings), "tiny", 64, CPU)
+    return DiffusionGenerator(GeneratorConfig(**settings), "tiny", 32, CPU)
 
 
 def reference(pipe, n: int = 2) -> torch.Tensor:
@@ -37,8 +37,8 @@ def reference(pipe, n: int = 2) -> torch.Tensor:
             generator=torch.Generator().manual_seed(seed),
             num_inference_steps=6,
             guidance_scale=7.5,
-            height=64,
-            width=64,
+            height=32,
+            width=32,
             output_type="np",
         ).images[0]
         images.append(torch.from_numpy((out * 255).round().astype(np.uint8)).permute(2, 0, 1))

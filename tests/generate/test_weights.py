@@ -26,9 +26,9 @@ def lora(tmp_path_factory) -> Path:
 
 
 def make(**kw) -> DiffusionGenerator:
-    settings = dict(resolution=64, steps=3, guidance=7.5, batch_size=2, compile="off")
+    settings = dict(resolution=32, steps=3, guidance=7.5, batch_size=2, compile="off")
     settings.update(kw)
-    return DiffusionGenerator(GeneratorConfig(**settings), "tiny", 64, CPU)
+    return DiffusionGenerator(GeneratorConfig(**settings), "tiny", 32, CPU)
 
 
 def reference(pipe, **kw) -> torch.Tensor:
@@ -39,8 +39,8 @@ def reference(pipe, **kw) -> torch.Tensor:
             generator=torch.Generator().manual_seed(seed),
             num_inference_steps=3,
             guidance_scale=7.5,
-            height=64,
-            width=64,
+            height=32,
+            width=32,
             output_type="np",
             **kw,
         ).images[0]
