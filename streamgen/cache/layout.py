@@ -171,10 +171,11 @@ FLAGS = {"classes": "--classes", "class_counts": "--class_counts", "images": "--
 def differing_setting(have: dict[str, Any], want: dict[str, Any]) -> str | None:
     """One line naming the first setting in which a cache (``have``) differs from a run, or None."""
     for key, value in want.items():
-        later = LATER_PIXEL_SETTINGS.get(key.removeprefix("generator."), None) if key.startswith("generator.") else None
-        if have.get(key, later) != value:
+        later = LATER_PIXEL_SETTINGS.get(key.removeprefix("generator.")) if key.startswith("generator.") else None
+        theirs = have.get(key, later)  # a setting newer than the cache: it was made at its default
+        if theirs != value:
             flag = FLAGS.get(key, f"--{key}")
-            return f"{flag} is {have.get(key)!r} in the cache but {value!r} in this run"
+            return f"{flag} is {theirs!r} in the cache but {value!r} in this run"
     return None
 
 
