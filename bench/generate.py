@@ -20,17 +20,31 @@ would inflate (a)'s time), TFLOP per image from the counted calls, TFLOP/s achie
 decode: its share of (a)'s batch time and its time channels-last vs contiguous (GroupNorm on CUDA
 returns contiguous outputs, so channels-last may not pay there). ``--compile-vae`` compiles the
 decoder too (`--generator.compile_vae`). ``--json FILE`` writes every figure.
+
+``--preset NAME`` (a ``configs/fast/`` preset: lcm4_cdc_g2, turbo1_cdc, turbo4_cdc, deepcache3_cdc_g2)
+measures instead the preset's generator and the paper's setting (50 PNDM steps, guidance 7.5) side
+by side in one run, as (a) above, and prints images/s, the measured speed-up over the paper's
+setting and the one its FLOPs predict (`streamgen.generate.cost`):
+
+    python bench/generate.py --preset lcm4_cdc_g2                       # GPU: the preset's model at 512 px
+    python bench/generate.py --preset lcm4_cdc_g2 --model sd14-random --resolution 64 --batch 2   # CPU
+
+On random weights (``sd14-random``; SD-Turbo's SD 2.1 UNet has about SD v1.4's cost) the preset's
+LoRAs are left out: a fused LoRA changes no shape and no cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
+from pathlib import Path
 
 import torch
 
-from streamgen.config import GeneratorConfig
+from streamgen.config import GeneratorConfig, parse_config
+from streamgen.generate.cost import image_cost
 from streamgen.generate.diffusion import DiffusionGenerator, resolve_dtype, tflop_per_image, unet_evaluations
 from streamgen.generate.pipeline import load_pipeline, resolve_model
 from streamgen.stream.queue import Doorbell, SlotQueue
@@ -56,7 +70,11 @@ def timed(fn, iters: int, device: torch.device) -> float:
 
 def parser(gpu: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="sd14-random" if gpu else "tiny", help="tiny, sd14-random, or a diffusers folder")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="tiny, sd14-random, or a diffusers folder (default: sd14-random on GPU, tiny on CPU; a preset's own model)",
+    )
     p.add_argument("--resolution", type=int, default=512 if gpu else 64, help="generation size in px")
     p.add_argument(
         "--out-resolution", type=int, default=None, help="stream resolution (default: 256 on GPU, 32 on CPU)"
@@ -74,7 +92,109 @@ def parser(gpu: bool) -> argparse.ArgumentParser:
     )
     p.add_argument("--skip-batch1", action="store_true", help="skip (c), the plain batch-1 baseline (slow at 50 steps)")
     p.add_argument("--json", help="write every figure to this JSON file")
+    p.add_argument(
+        "--preset",
+        help="a configs/fast/ preset (NAME or a YAML path): its generator vs the paper's setting, side by side",
+    )
     return p
+
+
+FAST = Path(__file__).resolve().parents[1] / "configs" / "fast"
+
+
+def preset_config(name: str) -> tuple[str, GeneratorConfig]:
+    """(model, generator config) of a configs/fast/ preset: NAME (its stream arm) or a YAML path."""
+    path = Path(name) if name.endswith(".yaml") else FAST / f"in100_{name}_stream.yaml"
+    if not path.is_file():
+        known = sorted(p.stem.removeprefix("in100_").removesuffix("_stream") for p in FAST.glob("*_stream.yaml"))
+        raise SystemExit(f"bench/generate.py: no preset {name!r} (known: {', '.join(known)})")
+    cfg = parse_config(["--config", str(path)])
+    return cfg.model, cfg.generator
+
+
+def measure_presets(args: argparse.Namespace) -> dict:
+    """images/s of the preset's generator and of the paper's setting, one after the other, same shapes."""
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    preset_model, preset = preset_config(args.preset)
+    model = resolve_model(args.model or preset_model)
+    out_res = args.out_resolution or (256 if gpu else 32)
+    shared = dict(resolution=args.resolution, batch_size=args.batch, dtype=args.dtype, compile=args.compile)
+    lora_left_out = bool(preset.lora) and model in ("tiny", "sd14-random")
+    sides = {
+        "paper": GeneratorConfig(**shared),  # 50 PNDM steps, guidance 7.5: the paper's cost
+        args.preset: dataclasses.replace(preset, **shared, lora=[] if lora_left_out else preset.lora),
+    }
+    if sides[args.preset].deepcache or sides[args.preset].tome:
+        sides[args.preset].compile = "off" if args.compile == "on" else args.compile  # refused under compile on
+    prompts = [PROMPTS[i % 2] for i in range(args.batch)]
+    seeds = list(range(args.batch))
+    slot = SlotQueue(1, args.batch, out_res, Doorbell())
+    pinned = slot.pin_memory() if gpu else False
+    figures: dict = {
+        "device": torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)",
+        "model": args.model or preset_model,
+        "preset_model": preset_model,
+        "resolution": args.resolution,
+        "batch": args.batch,
+        "lora_left_out": lora_left_out,
+        "slot_pinned": pinned,
+        "sides": {},
+    }
+    for name, cfg in sides.items():
+        gen = DiffusionGenerator(cfg, model, out_res, device)
+        gen.warmup()  # one full batch: the untimed call
+        view = slot.view(0)
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            gen.generate_into(view.images, prompts, seeds)
+        synchronize(device)
+        seconds = (time.perf_counter() - start) / args.iters
+        cost, at_512 = image_cost(cfg, model), image_cost(dataclasses.replace(cfg, resolution=512), model)
+        figures["sides"][name] = {
+            "scheduler": cfg.scheduler,
+            "steps": cfg.steps,
+            "guidance": cfg.guidance,
+            "deepcache": cfg.deepcache,
+            "tome": cfg.tome,
+            "compiled": gen.pipe.unet.__class__.__name__ == "FreshOutputs",
+            "unet_calls": cost["unet_calls"],
+            "rows_per_call": cost["rows_per_call"],
+            "tflop_per_image": cost["tflop_per_image"],
+            "tflop_per_image_512": at_512["tflop_per_image"],
+            "images_per_s": args.batch / seconds,
+        }
+        print(f"  measured {name}: {args.batch / seconds:.4g} images/s", flush=True)
+    paper = figures["sides"]["paper"]
+    for side in figures["sides"].values():
+        side["speedup_measured"] = side["images_per_s"] / paper["images_per_s"]
+        side["speedup_flops"] = paper["tflop_per_image"] / side["tflop_per_image"]
+        side["speedup_flops_512"] = paper["tflop_per_image_512"] / side["tflop_per_image_512"]
+    return figures
+
+
+def report_presets(f: dict) -> str:
+    lines = [
+        f"device: {f['device']}; model {f['model']} (preset's: {f['preset_model']}); {f['resolution']} px, "
+        f"batch {f['batch']}"
+        + ("; the preset's LoRA left out (random weights; no cost change)" if f["lora_left_out"] else ""),
+        f"{'setting':<20} {'sched':>8} {'steps':>5} {'guid':>5} {'extra':>8} {'UNet calls':>10} "
+        f"{'TFLOP/img':>10} {'@512':>8} {'images/s':>9} {'x paper':>8} {'x (FLOPs)':>9} {'x @512':>7}",
+    ]
+    for name, s in f["sides"].items():
+        extra = f"dc{s['deepcache']}" if s["deepcache"] else (f"tome{s['tome']:g}" if s["tome"] else "-")
+        calls = f"{s['unet_calls']}x{s['rows_per_call']}"
+        lines.append(
+            f"{name:<20} {s['scheduler']:>8} {s['steps']:>5} {s['guidance']:>5g} {extra:>8} {calls:>10} "
+            f"{s['tflop_per_image']:>10.4g} {s['tflop_per_image_512']:>8.2f} {s['images_per_s']:>9.3f} "
+            f"{s['speedup_measured']:>8.2f} {s['speedup_flops']:>9.2f} {s['speedup_flops_512']:>7.2f}"
+        )
+    lines.append(
+        "x paper: measured images/s over the paper's setting's; x (FLOPs): what the FLOPs at this size predict; "
+        "x @512: at 512 px (a GPU's target)"
+    )
+    return "\n".join(lines)
 
 
 def count_calls(module: torch.nn.Module) -> list[int]:
@@ -209,8 +329,13 @@ def report(f: dict, peak: float) -> str:
 
 def main() -> None:
     args = parser(torch.cuda.is_available()).parse_args()
-    figures = measure(args)
-    print(report(figures, args.peak_tflops))
+    if args.preset:
+        figures = measure_presets(args)
+        print(report_presets(figures))
+    else:
+        args.model = args.model or ("sd14-random" if torch.cuda.is_available() else "tiny")
+        figures = measure(args)
+        print(report(figures, args.peak_tflops))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)

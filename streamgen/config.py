@@ -36,7 +36,32 @@ class GeneratorConfig:
     guidance: float = _f(
         7.5, "classifier-free guidance scale (the paper: 7.5, or 2.0 for more diverse images); <= 1 turns guidance off"
     )
-    scheduler: str = _f("default", "the model's own scheduler ('default'), 'ddim' or 'dpm++'")
+    scheduler: str = _f(
+        "default",
+        "the model's own scheduler ('default'), 'ddim', 'dpm++', 'euler-a' (Euler ancestral: SD-Turbo's), 'lcm' "
+        "(LCM / LCM-LoRA) or 'tcd' (TCD LoRAs), each from diffusers, built on the model's scheduler config",
+    )
+    timestep_spacing: str = _f(
+        "auto",
+        "'auto' (the model's own: SD v1.x 'leading', SD-Turbo 'trailing'), or 'leading', 'trailing' (what few "
+        "steps from SD v1.x need: the first step at the last timestep) or 'linspace'",
+        choices=("auto", "leading", "trailing", "linspace"),
+    )
+    eta: float | None = _f(
+        None, "the scheduler's stochasticity: TCD's gamma (default 0.3, TCD's), DDIM's eta (default 0); others: unset"
+    )
+    lora: list[str] = _f(
+        [],
+        "LoRA weights fused into the model: PATH[:SCALE] (a .safetensors file or folder, or a cached Hugging Face id "
+        "ORG/NAME, never downloaded), repeatable (--generator.lora A --generator.lora B:0.5)",
+    )
+    unet: str | None = _f(
+        None, "a UNet folder (or cached Hugging Face id) loaded in place of the model's, e.g. a distilled one (DMD2)"
+    )
+    deepcache: int = _f(
+        0, "DeepCache: recompute the UNet's deep features every N steps (0: off; 3 in its paper; needs [deepcache])"
+    )
+    tome: float = _f(0.0, "ToMe-SD: fraction of tokens merged in the UNet's attention (0: off, <= 0.75; needs [tome])")
     batch_size: int = _f(16, "images per denoising batch on one generator; must divide stream.batch_size")
     dtype: str = _f("auto", "auto (float16 on GPU, float32 on CPU), float16, bfloat16 or float32")
     attention: str = _f(
@@ -292,7 +317,18 @@ def _base_type(hint: Any) -> tuple[type, bool]:
     return hint, False
 
 
+def _is_list(hint: Any) -> bool:
+    return typing.get_origin(hint) is list
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
+    if _is_list(hint):  # a repeatable flag (a list of strings): YAML list, or one value
+        if value is None:
+            return []
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
+            raise UsageError(f"config key {key} must be a list of strings, got {value!r}")
+        return [str(v) for v in items]
     typ, optional = _base_type(hint)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
@@ -453,7 +489,18 @@ def build_parser(
 
 def _add_flag(parser, key: str, f: dataclasses.Field, default: Any, origin: str = "") -> None:
     # SUPPRESS: only flags the user gave override the YAML; the help still shows the default.
-    is_bool = _base_type(f.type if not isinstance(f.type, str) else _hints_of_field(key))[0] is bool
+    hint = f.type if not isinstance(f.type, str) else _hints_of_field(key)
+    if _is_list(hint):  # repeatable: each use adds one item (the flags replace the YAML's list)
+        parser.add_argument(
+            f"--{key}",
+            dest=key,
+            default=argparse.SUPPRESS,
+            action="append",
+            metavar=key.split(".")[-1].upper(),
+            help=f"{f.metadata.get('help', '')} (default: {default or 'none'}{origin})",
+        )
+        return
+    is_bool = _base_type(hint)[0] is bool
     choices = f.metadata.get("choices")
     parser.add_argument(
         f"--{key}",
@@ -532,9 +579,14 @@ def validate(cfg: RunConfig) -> None:
             f"--generator.resolution must be a multiple of 8 (got {g.resolution}): the VAE works on 8x8 pixel cells",
         ),
         (
-            g.scheduler in ("default", "ddim", "dpm++"),
-            f"--generator.scheduler must be default, ddim or dpm++ (got {g.scheduler!r})",
+            g.scheduler in SCHEDULERS,
+            f"--generator.scheduler must be {', '.join(SCHEDULERS)} (got {g.scheduler!r})",
         ),
+        (
+            g.tome < 0.75 + 1e-9,
+            f"--generator.tome must be at most 0.75 (got {g.tome:g}): ToMe-SD merges 3 of 4 tokens at most",
+        ),
+        (g.eta is None or g.eta <= 1, f"--generator.eta must be in [0, 1] (got {g.eta})"),
         (
             g.dtype in ("auto", "float16", "bfloat16", "float32"),
             f"--generator.dtype must be auto, float16, bfloat16 or float32 (got {g.dtype!r})",
@@ -654,6 +706,8 @@ def _validate_replay(cfg: RunConfig) -> None:
     if reuse is not None and t.max_steps < reuse:
         raise UsageError(f"--stream.reuse {reuse} needs --train.max_steps of at least {reuse} (got {t.max_steps})")
 
+
+SCHEDULERS = ("default", "ddim", "dpm++", "euler-a", "lcm", "tcd")  # streamgen.generate.sampling builds them
 
 SEED_LIMIT = 2**63  # seeds are hashed as 64-bit integers and stored in int64 checkpoints
 

@@ -310,3 +310,25 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def read_consumed(run_dir: Path, rank: int = 0) -> list[tuple[int, int]]:
     path = run_dir / f"consumed-rank{rank}.tsv"
     return [tuple(map(int, line.split("\t"))) for line in path.read_text().splitlines()]
+
+
+def make_lora(folder: Path, seed: int = 0, **unet_changes) -> Path:
+    """A LoRA in diffusers' format with random low-rank weights (peft on a tiny UNet, saved by
+    diffusers' own save_lora_weights); ``unet_changes`` make it for another UNet's shapes."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from streamgen.generate.pipeline import tiny_configs
+
+    unet_config = dict(tiny_configs()[0], **unet_changes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(unet_config)
+        unet.add_adapter(
+            LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        )
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
+    return folder / "pytorch_lora_weights.safetensors"

@@ -33,7 +33,7 @@ def test_defaults_follow_the_paper():
         ("", ["--generators", "0"], "--generators must be at least 1"),
         ("", ["--stream.slots", "0"], "a queue of zero slots"),
         ("", ["--stream.batch_size", "10", "--generator.batch_size", "4"], "multiple of --generator.batch_size"),
-        ("", ["--generator.scheduler", "euler"], "default, ddim or dpm++"),
+        ("", ["--generator.scheduler", "euler"], "euler-a, lcm, tcd .got .euler."),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, yaml_text, flags, message):

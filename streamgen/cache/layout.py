@@ -46,6 +46,9 @@ IMAGENET100_TRAIN_IMAGES = 126_689  # the CMC ImageNet-100 subset of it
 REAL_SIZES = {"imagenet1k": IMAGENET1K_TRAIN_IMAGES, "imagenet100": IMAGENET100_TRAIN_IMAGES}
 # Generator settings that change pixels; the others (batch size, compile, threads, ...) do not.
 PIXEL_SETTINGS = ("resolution", "steps", "guidance", "scheduler", "dtype", "safety_checker", "max_redraws")
+# Pixel settings added later (few-step and cached generators), with the value every older cache was
+# built with: a cache whose manifest lacks one was made at that value.
+LATER_PIXEL_SETTINGS = {"timestep_spacing": "auto", "eta": None, "lora": [], "unet": None, "deepcache": 0, "tome": 0.0}
 
 
 def real_size(class_spec: str, n_classes: int, counts: np.ndarray | None) -> int:
@@ -154,6 +157,7 @@ def fingerprint(cfg: RunConfig, class_fingerprint: str, counts: np.ndarray | Non
         "prompt": cfg.prompt,
         "model": cfg.model,
         **{f"generator.{k}": getattr(cfg.generator, k) for k in PIXEL_SETTINGS},
+        **{f"generator.{k}": getattr(cfg.generator, k) for k in LATER_PIXEL_SETTINGS},
         "stream.resolution": cfg.stream.resolution,
         "stream.batch_size": cfg.stream.batch_size,
         "cache.shard_units": cfg.cache.shard_units,
@@ -167,9 +171,11 @@ FLAGS = {"classes": "--classes", "class_counts": "--class_counts", "images": "--
 def differing_setting(have: dict[str, Any], want: dict[str, Any]) -> str | None:
     """One line naming the first setting in which a cache (``have``) differs from a run, or None."""
     for key, value in want.items():
-        if have.get(key) != value:
+        later = LATER_PIXEL_SETTINGS.get(key.removeprefix("generator.")) if key.startswith("generator.") else None
+        theirs = have.get(key, later)  # a setting newer than the cache: it was made at its default
+        if theirs != value:
             flag = FLAGS.get(key, f"--{key}")
-            return f"{flag} is {have.get(key)!r} in the cache but {value!r} in this run"
+            return f"{flag} is {theirs!r} in the cache but {value!r} in this run"
     return None
 
 

@@ -28,8 +28,12 @@ import torch
 
 from streamgen.config import GeneratorConfig
 from streamgen.errors import UsageError
+from streamgen.generate.cost import guided
 from streamgen.generate.pipeline import load_pipeline
+from streamgen.generate.sampling import check_sampling, make_scheduler, resolved_eta
+from streamgen.generate.speedups import active, apply_speedups, check_speedups
 from streamgen.generate.tokens import quiet_truncation_warnings
+from streamgen.generate.weights import check_weights, fuse_loras, load_unet
 from streamgen.plan.samples import redraw_seed
 
 
@@ -43,16 +47,25 @@ def compiles(cfg: GeneratorConfig, device_type: str) -> bool:
     """Whether the UNet runs under ``torch.compile``: the one place that decides ``compile: auto``.
 
     Auto compiles on a GPU (with CUDA graphs), except with xformers attention, whose kernels
-    break the graph under torch.compile (xformers issue #765; `check_generator` refuses an
-    explicit ``on`` with it)."""
+    break the graph under torch.compile (xformers issue #765), and with DeepCache or ToMe, whose
+    patches break it too (measured: `streamgen.generate.speedups`); `check_generator` refuses an
+    explicit ``on`` with any of them."""
     if cfg.compile == "auto":
-        return device_type == "cuda" and cfg.attention != "xformers"
+        return device_type == "cuda" and cfg.attention != "xformers" and not active(cfg)
     return cfg.compile == "on"
 
 
-def check_generator(cfg: GeneratorConfig, device_type: str) -> None:
-    """Settings that cannot work together, found in the launcher before any process starts."""
+def check_generator(cfg: GeneratorConfig, device_type: str, model: str | None = None) -> None:
+    """Settings that cannot work together, found in the launcher before any process starts.
+
+    With ``model`` (a resolved model folder or builtin name) also what must fit the model: the
+    scheduler's steps and eta, the guidance, a replacement UNet and every LoRA."""
     check_attention(cfg.attention)
+    check_speedups(cfg)
+    if model is not None:
+        check_sampling(cfg, model)
+        check_weights(cfg, model)
+        check_guidance(cfg, model)
     if cfg.attention == "xformers" and cfg.compile == "on":
         raise UsageError(
             "--generator.attention xformers cannot run under --generator.compile on: xformers' attention breaks "
@@ -78,15 +91,22 @@ def check_attention(attention: str) -> None:
             ) from None
 
 
-def make_scheduler(name: str, config):
-    """The model's own scheduler by default, or DDIM / DPM-Solver++ built from its config."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+# Models distilled without classifier-free guidance: CFG on them is wasted compute and worse images
+# (SD-Turbo's model card: "SD-Turbo does not make use of guidance_scale"; DMD2's one-step UNets).
+GUIDANCE_FREE = ("sd-turbo", "sdxl-turbo", "dmd2")
 
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "dpm++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-    return None
+
+def check_guidance(cfg: GeneratorConfig, model: str) -> None:
+    """Guidance > 1 on a model distilled without it is refused (its name says which: GUIDANCE_FREE)."""
+    if cfg.guidance <= 1:
+        return
+    for flag, name in (("--model", model), ("--generator.unet", cfg.unet or "")):
+        hit = next((m for m in GUIDANCE_FREE if m in name.lower()), None)
+        if hit:
+            raise UsageError(
+                f"--generator.guidance {cfg.guidance:g} with {flag} {name}: {hit} is distilled without "
+                "classifier-free guidance and ignores it (at twice the cost); use --generator.guidance 0"
+            )
 
 
 def unet_evaluations(scheduler, steps: int) -> int:
@@ -220,9 +240,15 @@ class DiffusionGenerator:
         quiet_truncation_warnings()  # said once at start-up by the launcher, not at every batch
         pipe = load_pipeline(model, self.dtype, cfg.safety_checker).to(device)
         pipe.set_progress_bar_config(disable=True)
-        scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
+        if cfg.unet:  # before the LoRAs: they are fused into the UNet that runs
+            pipe.unet = load_unet(cfg.unet, self.dtype).to(device)
+        fuse_loras(pipe, cfg.lora)
+        scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config, cfg.timestep_spacing)
         if scheduler is not None:
             pipe.scheduler = scheduler
+        self.eta = resolved_eta(cfg)
+        self.guided = guided(cfg, pipe.unet.config)
+        self.deepcache = apply_speedups(pipe, cfg)  # before compile (refused with it) and channels-last
         if cfg.attention == "xformers":
             pipe.enable_xformers_memory_efficient_attention()
         if cfg.channels_last:
@@ -236,10 +262,6 @@ class DiffusionGenerator:
         self._embeds: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._negative: torch.Tensor | None = None
         self.redraws = 0
-
-    @property
-    def guided(self) -> bool:
-        return self.cfg.guidance > 1.0
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -272,6 +294,7 @@ class DiffusionGenerator:
             generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
             num_inference_steps=self.cfg.steps,
             guidance_scale=self.cfg.guidance,
+            eta=self.eta,  # read by DDIM and TCD only (the pipeline passes it where the step takes it)
             height=self.cfg.resolution,
             width=self.cfg.resolution,
             output_type="pt",

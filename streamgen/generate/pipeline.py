@@ -123,8 +123,8 @@ def sd14_shapes() -> dict:
     return json.loads(resources.files("streamgen.data").joinpath("sd_v1_4_shapes.json").read_text())
 
 
-def build_tiny_pipeline():
-    """A tiny random-weight SD pipeline (about 2 images/s at 64 px on a 2-core CPU)."""
+def tiny_configs() -> tuple[dict, dict, dict, dict, object]:
+    """The tiny model's (unet, vae, text encoder, scheduler) configs and its tokenizer."""
     shapes = sd14_shapes()
     unet = dict(
         block_out_channels=(32, 64),
@@ -162,15 +162,34 @@ def build_tiny_pipeline():
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return _pipeline_from_configs(unet, vae, text, shapes["scheduler"], tokenizer)
+    return unet, vae, text, shapes["scheduler"], tokenizer
+
+
+def sd14_random_configs() -> tuple[dict, dict, dict, dict, object]:
+    """SD v1.4's (unet, vae, text encoder, scheduler) configs and a character tokenizer."""
+    shapes = sd14_shapes()
+    tokenizer = _char_tokenizer()
+    text = dict(shapes["text_encoder"], vocab_size=max(shapes["text_encoder"]["vocab_size"], len(tokenizer)))
+    return shapes["unet"], shapes["vae"], text, shapes["scheduler"], tokenizer
+
+
+def component_configs(model: str) -> dict[str, dict]:
+    """The ``unet``, ``vae`` and ``text_encoder`` configs of ``model`` (builtin or a resolved folder), no weights."""
+    if model in BUILTIN_MODELS:
+        unet, vae, text, _, _ = tiny_configs() if model == TINY else sd14_random_configs()
+        return {"unet": dict(unet), "vae": dict(vae), "text_encoder": dict(text)}
+    root = Path(model)
+    return {name: json.loads((root / name / "config.json").read_text()) for name in ("unet", "vae", "text_encoder")}
+
+
+def build_tiny_pipeline():
+    """A tiny random-weight SD pipeline (about 2 images/s at 64 px on a 2-core CPU)."""
+    return _pipeline_from_configs(*tiny_configs())
 
 
 def build_sd14_random_pipeline():
     """SD v1.4's exact architecture with random weights: the real cost, not the real images."""
-    shapes = sd14_shapes()
-    tokenizer = _char_tokenizer()
-    text = dict(shapes["text_encoder"], vocab_size=max(shapes["text_encoder"]["vocab_size"], len(tokenizer)))
-    return _pipeline_from_configs(shapes["unet"], shapes["vae"], text, shapes["scheduler"], tokenizer)
+    return _pipeline_from_configs(*sd14_random_configs())
 
 
 def _cast(pipe, dtype: torch.dtype):

@@ -80,7 +80,7 @@ def cmd_build(cfg: RunConfig) -> int:
     model = cfg.model if cfg.model in PROCEDURAL else resolve_model(cfg.model)
     devices, _, _ = assign_devices(cfg.generators, 0)
     if model not in PROCEDURAL:
-        check_generator(cfg.generator, devices[0].split(":")[0])
+        check_generator(cfg.generator, devices[0].split(":")[0], model)
     if spec.complete:
         log(f"the cache in {cfg.cache.dir} is complete ({spec.layout.images} images): nothing to build")
         return 0

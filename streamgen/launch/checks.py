@@ -477,7 +477,9 @@ def prepare(cfg: RunConfig) -> Job:
         check_model_components(model)
     generator_devices, accelerator, trainer_devices = assign_devices(cfg.generators, cfg.trainers)
     if model != FAKE:  # shapes too: the same settings are refused whatever the model
-        check_generator(cfg.generator, "cuda" if accelerator == "gpu" else "cpu")
+        check_generator(
+            cfg.generator, "cuda" if accelerator == "gpu" else "cpu", None if model in PROCEDURAL else model
+        )
     check_recipe(cfg.train, accelerator, cfg.trainers * placement.nodes, cfg.stream.batch_size)
     slots = slots_per_rank(cfg)
     queue_bytes = cfg.trainers * slots * slot_nbytes(cfg.stream.batch_size, cfg.stream.resolution)

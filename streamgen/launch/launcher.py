@@ -144,6 +144,12 @@ def resolved_config(job: Job) -> dict:
     replay = job.replay()
     cfg["stream"]["buffer"] = replay.capacity if replay is not None else None  # None: no replay buffer
     cfg["model"] = job.model
+    if job.model != FAKE:  # FLOPs per image, counted from the model's config (streamgen.generate.cost)
+        from streamgen.generate.cost import image_cost, paper_cost
+
+        cost = image_cost(job.cfg.generator, job.model)
+        paper = paper_cost(job.model)["tflop_per_image"]
+        cfg["cost"] = {**cost, "paper_tflop_per_image": paper, "ratio_to_paper": cost["tflop_per_image"] / paper}
     if "dist" in cfg:
         p = job.placement
         cfg["dist"].update(nodes=p.nodes, node_rank=p.node_rank, master_addr=p.master_addr, master_port=p.master_port)
