@@ -144,7 +144,7 @@ def resolved_config(job: Job) -> dict:
     replay = job.replay()
     cfg["stream"]["buffer"] = replay.capacity if replay is not None else None  # None: no replay buffer
     cfg["model"] = job.model
-    if job.model != FAKE:  # FLOPs per image, counted from the model's config (streamgen.generate.cost)
+    if job.model not in PROCEDURAL:  # FLOPs per image, counted from the model's config (streamgen.generate.cost)
         from streamgen.generate.cost import image_cost, paper_cost
 
         cost = image_cost(job.cfg.generator, job.model)

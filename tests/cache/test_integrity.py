@@ -23,7 +23,7 @@ from streamgen.launch.cache_cli import main as cache_main
 from streamgen.launch.launcher import main as train_main
 from streamgen.plan.classes import ClassInfo, ClassSet, load_classes
 
-SMOKE = str(ROOT / "configs/smoke.yaml")
+SMOKE = str(ROOT / "configs/smoke_tiny.yaml")
 FAKE = ("--model", "fake", "--generators", "1")
 N = 96  # 3 shards of 32 images (smoke: batches of 8, 4 units a shard)
 

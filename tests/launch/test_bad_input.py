@@ -12,7 +12,7 @@ from streamgen.launch.launcher import main as train_main
 from streamgen.plan.classes import load_classes
 from streamgen.train.stream_data import StreamDataModule
 
-SMOKE = str(ROOT / "configs/smoke.yaml")
+SMOKE = str(ROOT / "configs/smoke_tiny.yaml")
 
 
 def refused(capsys, tmp_path, args: list[str], message: str, main=train_main) -> str:

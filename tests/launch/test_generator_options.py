@@ -12,7 +12,7 @@ from streamgen.generate.diffusion import check_guidance
 from streamgen.launch.checks import prepare
 from streamgen.launch.launcher import main, resolved_config
 
-SMOKE = str(ROOT / "configs/smoke.yaml")
+SMOKE = str(ROOT / "configs/smoke_tiny.yaml")
 
 
 def run(tmp_path, capsys, *args) -> tuple[int, str]:

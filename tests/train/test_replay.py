@@ -505,7 +505,7 @@ def test_bad_replay_input_exits_2_with_one_line_before_anything_starts(tmp_path,
 
     from streamgen.launch.launcher import main
 
-    code = main(["--config", str(ROOT / "configs/smoke.yaml"), "--out", str(tmp_path / "runs"), *args])
+    code = main(["--config", str(ROOT / "configs/smoke_tiny.yaml"), "--out", str(tmp_path / "runs"), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err and len(err.splitlines()) == 1, err
