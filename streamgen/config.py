@@ -42,10 +42,10 @@ class GeneratorConfig:
         "(LCM / LCM-LoRA) or 'tcd' (TCD LoRAs), each from diffusers, built on the model's scheduler config",
     )
     timestep_spacing: str = _f(
-        "auto",
-        "'auto' (the model's own: SD v1.x 'leading', SD-Turbo 'trailing'), or 'leading', 'trailing' (what few "
+        "default",
+        "'default' (the model's own, like --generator.scheduler default: SD v1.x 'leading', SD-Turbo 'trailing'), or 'leading', 'trailing' (what few "
         "steps from SD v1.x need: the first step at the last timestep) or 'linspace'",
-        choices=("auto", "leading", "trailing", "linspace"),
+        choices=("default", "leading", "trailing", "linspace"),
     )
     eta: float | None = _f(
         None, "the scheduler's stochasticity: TCD's gamma (default 0.3, TCD's), DDIM's eta (default 0); others: unset"

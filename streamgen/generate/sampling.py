@@ -47,11 +47,11 @@ def model_scheduler_config(model: str) -> dict:
     return json.loads((Path(model) / "scheduler" / "scheduler_config.json").read_text())
 
 
-def make_scheduler(name: str, config, spacing: str = "auto"):
+def make_scheduler(name: str, config, spacing: str = "default"):
     """The scheduler ``name`` built from the model's scheduler ``config``; None for the model's own, unchanged."""
     import diffusers
 
-    extra = {} if spacing == "auto" else {"timestep_spacing": spacing}
+    extra = {} if spacing == "default" else {"timestep_spacing": spacing}
     if name == "default":
         if not extra:
             return None

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from streamgen.generate.fake import FAKE
 from streamgen.plan.classes import ClassSet
 from streamgen.plan.prompts import PromptTemplate, places365_scenes
 
@@ -33,12 +33,17 @@ def load_tokenizer(model: str) -> Any | None:
     """The tokenizer SD uses for ``model`` (a resolved model: a folder or a built-in), or None
     (the fake generator reads no text; a folder without a readable tokenizer)."""
     from streamgen.generate.pipeline import BUILTIN_MODELS, _char_tokenizer
+    from streamgen.generate.shapes import PROCEDURAL
 
-    if model == FAKE:
+    if model in PROCEDURAL:
         return None
     quiet_truncation_warnings()
     if model in BUILTIN_MODELS:
         return _char_tokenizer()
+    if not (Path(model) / "tokenizer").is_dir():
+        # transformers 5 builds an empty tokenizer (model_max_length 1e30) from a missing folder
+        # instead of raising: only a folder that has one is a tokenizer.
+        return None
     try:
         from transformers import CLIPTokenizer
 

@@ -14,10 +14,10 @@ SEEDS = [11, 22, 33]
 CPU = torch.device("cpu")
 # (scheduler, guidance, spacing): the stochastic samplers with and without guidance, and their spacings
 CASES = [
-    ("euler-a", 7.5, "auto"),
+    ("euler-a", 7.5, "default"),
     ("euler-a", 0.0, "trailing"),
-    ("lcm", 2.0, "auto"),
-    ("tcd", 1.0, "auto"),
+    ("lcm", 2.0, "default"),
+    ("tcd", 1.0, "default"),
 ]
 
 
@@ -39,7 +39,7 @@ def test_every_scheduler_equals_the_diffusers_pipeline_within_one_level(tiny_pip
     gen = make(scheduler=scheduler, guidance=guidance, timestep_spacing=spacing)
     ours = gen.generate(PROMPTS, SEEDS)
     cls = {"euler-a": "EulerAncestralDiscreteScheduler", "lcm": "LCMScheduler", "tcd": "TCDScheduler"}
-    extra = {} if spacing == "auto" else {"timestep_spacing": spacing}
+    extra = {} if spacing == "default" else {"timestep_spacing": spacing}
     made = getattr(diffusers, cls[scheduler]).from_config(tiny_pipe.scheduler.config, **extra)
     assert type(gen.pipe.scheduler) is type(made)
     tiny_pipe.scheduler = made

@@ -75,3 +75,14 @@ def test_the_truncated_class_prompts_are_counted_per_template():
     assert long_ones == expected
     assert count_truncated(tokenizer, PromptTemplate.parse("c"), classes)[0] < long_ones  # lemmas alone: shorter
     assert count_truncated(load_tokenizer("fake"), PromptTemplate.parse("c_dc"), classes) == (0, 100)
+
+
+@pytest.mark.parametrize("model", ["fake", "shapes", "no/such/folder"])
+def test_no_tokenizer_for_a_generator_without_text(model, tmp_path, monkeypatch):
+    """The procedural generators read no text and a folder without tokenizer/ has none: no count,
+    the prompt shown unchanged (transformers 5 would build an empty tokenizer with a 1e30 limit,
+    which the preview's truncation then overflowed on)."""
+    monkeypatch.chdir(tmp_path)
+    tokenizer = load_tokenizer(model)
+    assert tokenizer is None
+    assert received(tokenizer, [LONG]) == [LONG]

@@ -404,7 +404,9 @@ def test_one_compute_figure_for_a_budget_stopped_run_and_its_resume_in_the_same_
     assert f"| {last_total:.4g} | {last_step} |" in md  # compare's "GPU-hours so far" and steps
     # The start-up counts from the spawn: the first logged figure holds it (step 10 of a fast fake stream).
     first_step, first_total = scalars["compute/total_gpu_hours"][0]
-    assert first_step == 10 and first_total * 3600 / 2 > 5  # more than 5 s of wall before step 10
+    # Ten steps of a fake stream take well under a second; the spawn, imports and model build take
+    # seconds (4.9 s measured on CI's 2 cores): above 2 s of wall, the start-up is in the figure.
+    assert first_step == 10 and first_total * 3600 / 2 > 2
 
     # Resumed by its folder with a larger budget: the same folder, the accounting continues.
     more = budget + 0.03
