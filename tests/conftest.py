@@ -256,7 +256,10 @@ def train_run(tmp_path):
     runs: list[TrainRun] = []
 
     def start(
-        *args: str, config: str = "configs/smoke_tiny.yaml", env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()
+        *args: str,
+        config: str = "configs/smoke_tiny.yaml",
+        env: dict[str, str] | None = None,
+        wrap: tuple[str, ...] = (),
     ) -> TrainRun:
         # wrap: a command that runs train.py, e.g. ("timeout", "900") as a user's script does
         run = TrainRun([*wrap, *train_cmd("--out", str(tmp_path / "runs"), *args, config=config)], tmp_path, env)

@@ -48,7 +48,14 @@ REAL_SIZES = {"imagenet1k": IMAGENET1K_TRAIN_IMAGES, "imagenet100": IMAGENET100_
 PIXEL_SETTINGS = ("resolution", "steps", "guidance", "scheduler", "dtype", "safety_checker", "max_redraws")
 # Pixel settings added later (few-step and cached generators), with the value every older cache was
 # built with: a cache whose manifest lacks one was made at that value.
-LATER_PIXEL_SETTINGS = {"timestep_spacing": "default", "eta": None, "lora": [], "unet": None, "deepcache": 0, "tome": 0.0}
+LATER_PIXEL_SETTINGS = {
+    "timestep_spacing": "default",
+    "eta": None,
+    "lora": [],
+    "unet": None,
+    "deepcache": 0,
+    "tome": 0.0,
+}
 
 
 def real_size(class_spec: str, n_classes: int, counts: np.ndarray | None) -> int:

@@ -439,7 +439,10 @@ def logged_run(folder: Path, config: dict, uses: float) -> Path:
     return folder
 
 
-@pytest.mark.xfail(reason="merge of issues 19 and 23: compare kept 23's labels by differing settings; the unique-images axis is to redo", strict=False)
+@pytest.mark.xfail(
+    reason="merge of issues 19 and 23: compare kept 23's labels by differing settings; the unique-images axis is to redo",
+    strict=False,
+)
 def test_compare_labels_and_draws_stream_replay_and_cache_runs_against_unique_images(tmp_path):
     from streamgen.compare import TABLE, compare, compared_metrics, figure, load_run
 
