@@ -9,9 +9,11 @@ still going is read as far as it got) and writes into ``--out``:
 - ``compare.png`` (200 dpi) with ``compare.pdf`` and ``compare.svg`` beside it: validation
   top-1 and top-5, linear-probe top-1 (``probe/<name>/top1``) and the training loss (smoothed,
   over the faint raw curve), each logged by some run, against accounted compute (total
-  GPU-hours, see `streamgen.train.compute`) and against images seen; one colour per setting.
-  Runs are labelled by the settings that differ between them (source, cache size, prompt,
-  guidance, generator); runs of one setting that differ only in their seed are drawn as their
+  GPU-hours, see `streamgen.train.compute`), against images seen and against unique images
+  (generated and trained on: a replay or cache run sees each several times); one colour per
+  setting. Runs are labelled by the settings that differ between them: the arm along the reuse
+  knob (``stream``, ``reuse 4``, ``reuse auto``, ``cache 1x``), the replay buffer, prompt,
+  guidance, generator; runs of one setting that differ only in their seed are drawn as their
   mean +- std. The compute panels mark the matched budget (a dashed line) and each cache's
   build cost (a dotted line in its colour: training starts there);
 - ``compare.md``: a summary of each run, and each run's metrics at matched budgets: the largest
@@ -44,12 +46,11 @@ FIGURE, TABLE = "compare.png", "compare.md"
 VECTOR = ("compare.pdf", "compare.svg")  # the figure for a paper, beside the PNG
 DPI = 200
 GENERATOR = "compute/generator_gpu_hours"
-# Settings that name a run when they differ between the runs compared (dotted config keys; also
-# any replay.* key), with the word the label shows.
+# Settings that name a run when they differ between the runs compared (dotted config keys, and
+# "arm": where the run lies along the reuse knob, `Run.arm`), with the word the label shows.
 LABEL_KEYS = {
-    "source": "",
-    "cache.images": "images",
-    "cache.scale": "x real size",
+    "arm": "",
+    "stream.buffer": "buffer",
     "prompt": "prompt",
     "generator.guidance": "guidance",
     "model": "model",
@@ -72,7 +73,7 @@ class Run:
     label: str
     config: dict[str, Any]
     scalars: dict[str, tuple[np.ndarray, np.ndarray]]  # tag -> (steps, values), by step
-    x: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # tag -> {"gpu_hours", "images"}
+    x: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # tag -> {"gpu_hours", "images", "unique"}
     setting: str = ""  # the label of its setting (the runs of one setting differ only in their seed)
 
     @property
@@ -93,7 +94,9 @@ class Run:
         c = self.config
         if c.get("source", "stream") == "cache":
             cache = c.get("cache") or {}
-            return f"cache {cache['scale']:g}x" if cache.get("scale") else f"cache {cache.get('images')}"
+            if cache.get("scale"):
+                return f"cache {cache['scale']:g}x"
+            return f"cache {cache['images']} images" if cache.get("images") else "cache"
         reuse = str((c.get("stream") or {}).get("reuse", "1"))
         return "stream" if reuse == "1" else f"reuse {reuse}"
 
@@ -188,19 +191,16 @@ def label_runs(runs: list[Run]) -> None:
     """Each run's ``setting``: the settings that differ between the runs (`LABEL_KEYS`, replay.*),
     and its ``label``: the setting, with its seed where runs of one setting differ only in it, or
     with its folder where nothing tells them apart."""
-    flats = [_flat(r.config) for r in runs]
-    replay = sorted({k for f in flats for k in f if k.startswith("replay.")})
-    keys = [k for k in (*LABEL_KEYS, *replay) if len({repr(f.get(k)) for f in flats}) > 1]
+    flats = [{"arm": r.arm, **_flat(r.config)} for r in runs]
+    keys = [k for k in LABEL_KEYS if len({repr(f.get(k)) for f in flats}) > 1]
     for r, f in zip(runs, flats):
         parts = []
         for key in keys:
             value = f.get(key)
-            if value is None or (key.startswith("cache.") and f.get("source") != "cache"):
-                continue
-            word = LABEL_KEYS.get(key, key)
-            parts.append(
-                str(value) if not word else f"{value} {word}" if key.startswith("cache.") else f"{word} {value}"
-            )
+            if value is None or (key.startswith("stream.") and f.get("source") == "cache"):
+                continue  # unset, or a stream setting a cache run does not read
+            word = LABEL_KEYS[key]
+            parts.append(f"{word} {value}" if word else str(value))
         r.setting = ", ".join(parts) if keys else r.label
     for setting in {r.setting for r in runs}:
         group = [(r, f) for r, f in zip(runs, flats) if r.setting == setting]
@@ -307,25 +307,26 @@ def markdown(runs: list[Run], metrics: list[tuple[str, str, float | None]], frac
         "that every run has reached.",
         "",
     ]
-    header = ["budget (GPU-hours)", "run", "step", "images seen", *[title for _, title, _ in metrics]]
+    header = ["budget (GPU-hours)", "run", "step", "images seen", "unique images", *[t for _, t, _ in metrics]]
     # The run column left-aligned (names read from the left), the numbers right-aligned.
     lines += ["| " + " | ".join(header) + " |", "|---:|:---|" + "---:|" * (len(header) - 2)]
     groups = settings(runs)
     for budget in matched_budgets(runs, fractions):
         for r in runs:
             at = value_at_budget(r, TOTAL, budget)
-            seen = value_at_budget(r, SEEN, budget)
+            seen, unique = value_at_budget(r, SEEN, budget), value_at_budget(r, UNIQUE, budget)
             cells = [
                 f"{budget:.4g}",
                 r.label,
                 str(at[0]) if at else "—",
                 f"{seen[1]:.0f}" if seen else "—",
+                f"{unique[1]:.0f}" if unique else "—",
                 *[_fmt((value_at_budget(r, tag, budget) or (0, None))[1], pct) for tag, _, pct in metrics],
             ]
             lines.append("| " + " | ".join(cells) + " |")
         for setting, group in groups.items():
             if len(group) > 1:  # the seeds of one setting: their mean +- std
-                cells = [f"{budget:.4g}", f"**{setting}** (mean ± std, {len(group)} seeds)", "", ""]
+                cells = [f"{budget:.4g}", f"**{setting}** (mean ± std, {len(group)} seeds)", "", "", ""]
                 for tag, _, pct in metrics:
                     values = [(value_at_budget(r, tag, budget) or (0, None))[1] for r in group]
                     cells.append(_mean_std(values, pct))
@@ -378,11 +379,15 @@ def figure(runs: list[Run], metrics: list[tuple[str, str, float | None]]):
 
     metrics = plotted_metrics(runs, metrics)
     groups = settings(runs)
-    fig, axes = plt.subplots(len(metrics), 2, figsize=(12, 3.2 * len(metrics)), squeeze=False)
+    fig, axes = plt.subplots(len(metrics), 3, figsize=(17, 3.2 * len(metrics)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {setting: colors[i % len(colors)] for i, setting in enumerate(groups)}
     matched = min(r.gpu_hours for r in runs)
-    axes_x = (("gpu_hours", "GPU-hours (accounted compute)"), ("images", "images seen"))
+    axes_x = (
+        ("gpu_hours", "GPU-hours (accounted compute)"),
+        ("images", "images seen"),
+        ("unique", "unique images (generated and trained on)"),
+    )
     for row, (tag, title, percent) in enumerate(metrics):
         scale = percent or 1.0
         for col, (xkey, xlabel) in enumerate(axes_x):

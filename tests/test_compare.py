@@ -48,7 +48,7 @@ def test_table_takes_each_runs_last_value_at_or_before_each_budget(tmp_path, cap
     b = fake_run(tmp_path / "b" / "version_0", {10: 0.1, 20: 0.4, 30: 0.75, 40: 2.0}, {10: 0.05, 30: 0.2, 40: 0.9})
     assert main([str(a), str(b), "--out", str(tmp_path / "cmp"), "--fractions", "0.5,1"]) == 0
     rows = table_rows((tmp_path / "cmp" / TABLE).read_text())
-    got = {(r[0], r[1]): (r[2], r[3], r[4]) for r in rows}
+    got = {(r[0], r[1]): (r[2], r[3], r[5]) for r in rows}  # r[4]: unique images
     assert got == {
         ("0.5", "a/version_0"): ("20", "160", "10.00"),  # compute 0.5 at step 20 <= 0.5
         ("0.5", "b/version_0"): ("20", "160", "5.00"),  # its top-1 of step 10 (0.4 at step 20: none logged)
@@ -84,7 +84,7 @@ def test_a_run_still_going_is_read_as_far_as_it_got(tmp_path):
     events.write_bytes(events.read_bytes()[:-5])  # its last record (top-1 at step 20) is being written
     assert main([str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
     rows = table_rows((tmp_path / "cmp" / TABLE).read_text())
-    assert [r[4] for r in rows if r[0] == "0.5"] == ["10.00", "—"]
+    assert [r[5] for r in rows if r[0] == "0.5"] == ["10.00", "—"]
 
 
 @pytest.mark.parametrize(
@@ -157,14 +157,14 @@ def test_compare_a_finished_stream_and_cache_run_matches_their_event_files(train
     scalars = [read_scalars(f) for f in folders]
     budgets = [min(s["compute/total_gpu_hours"][-1][1] for s in scalars) * f for f in (0.25, 0.5, 0.75, 1.0)]
     text = (out / TABLE).read_text()
-    assert f"| cache, 64 images | {folders[1]} |" in text and "cache (64 images), 1 trainer(s)" in text
+    assert f"| cache 64 images | {folders[1]} |" in text and "cache (64 images), 1 trainer(s)" in text
     header, rows = read_table(text)
     assert len(rows) == len(budgets) * 2
     top1, top5 = header.index("validation top-1 (%)"), header.index("validation top-5 (%)")
     for i, budget in enumerate(budgets):
         for j, s in enumerate(scalars):
             row = rows[2 * i + j]
-            assert row[1] == ("stream", "cache, 64 images")[j] and math.isclose(float(row[0]), budget, rel_tol=1e-3)
+            assert row[1] == ("stream", "cache 64 images")[j] and math.isclose(float(row[0]), budget, rel_tol=1e-3)
             compute = dict(s["compute/total_gpu_hours"])
             for column, tag in ((top1, "val/top1"), (top5, "val/top5")):
                 assert all(step in compute for step, _ in s[tag])  # logged at every evaluation
@@ -241,15 +241,15 @@ def test_the_figure_labels_runs_by_their_settings_and_marks_budget_build_and_see
         "stream, prompt c, seed 0",
         "stream, prompt c, seed 1",
         "stream, prompt c_dc",
-        "cache, 64 images, prompt c",
+        "cache 64 images, prompt c",
     ]
     fig = figure(runs, compared_metrics(runs))
     titles = [ax.get_title() for ax in fig.axes]
     assert "validation top-5 (%)" not in titles  # no run logged it: no empty panel
-    assert titles[::2] == ["validation top-1 (%)", "training loss (on the run's own images)"]
-    val_cost, loss_cost = fig.axes[0], fig.axes[2]
+    assert titles[::3] == ["validation top-1 (%)", "training loss (on the run's own images)"]
+    val_cost, loss_cost = fig.axes[0], fig.axes[3]  # three x-axes per metric
     lines = {line.get_label(): line for line in val_cost.get_lines()}
-    assert set(lines) == {"stream, prompt c (mean of 2 seeds)", "stream, prompt c_dc", "cache, 64 images, prompt c",
+    assert set(lines) == {"stream, prompt c (mean of 2 seeds)", "stream, prompt c_dc", "cache 64 images, prompt c",
                           "matched budget", "cache build"}  # fmt: skip
     assert list(lines["stream, prompt c (mean of 2 seeds)"].get_ydata()) == pytest.approx(
         [20.0, 30.0]
@@ -269,5 +269,5 @@ def test_the_figure_labels_runs_by_their_settings_and_marks_budget_build_and_see
     (row,) = [r for r in table_rows(text) if r[0] == "0.9" and "mean ± std" in r[1]]
     assert (
         row[1] == "**stream, prompt c** (mean ± std, 2 seeds)"
-        and row[4] == f"20.00 ± {100 * np.std([0.1, 0.3], ddof=1):.2f}"
+        and row[5] == f"20.00 ± {100 * np.std([0.1, 0.3], ddof=1):.2f}"
     )

@@ -439,12 +439,8 @@ def logged_run(folder: Path, config: dict, uses: float) -> Path:
     return folder
 
 
-@pytest.mark.xfail(
-    reason="merge of issues 19 and 23: compare kept 23's labels by differing settings; the unique-images axis is to redo",
-    strict=False,
-)
 def test_compare_labels_and_draws_stream_replay_and_cache_runs_against_unique_images(tmp_path):
-    from streamgen.compare import TABLE, compare, compared_metrics, figure, load_run
+    from streamgen.compare import TABLE, compare, compared_metrics, figure, label_runs, load_run
 
     folders = [
         logged_run(tmp_path / "s" / "version_0", {"source": "stream", "stream": {"reuse": "1"}}, 1),
@@ -454,11 +450,13 @@ def test_compare_labels_and_draws_stream_replay_and_cache_runs_against_unique_im
     ]
     runs = [load_run(f) for f in folders]
     assert [r.arm for r in runs] == ["stream", "reuse 4", "reuse auto", "cache 1x"]
+    label_runs(runs)  # by what differs: the arm, and the buffer the reuse-4 run was given
+    assert [r.label for r in runs] == ["stream", "reuse 4, buffer 64", "reuse auto", "cache 1x"]
     fig = figure(runs, compared_metrics(runs))
     top1 = fig.axes[:3]  # the first row: validation top-1 against GPU-hours, images seen, unique images
     assert "unique images" in top1[2].get_xlabel()
     labels = [line.get_label() for line in top1[2].get_lines()]
-    assert labels == ["stream: s/version_0", "reuse 4: k/version_0", "reuse auto: a/version_0", "cache 1x: c/version_0"]
+    assert labels == ["stream", "reuse 4, buffer 64", "reuse auto", "cache 1x"]
     assert list(top1[2].get_lines()[1].get_xdata()) == [20.0, 40.0]  # reuse 4: a quarter of the images seen
     assert list(top1[1].get_lines()[1].get_xdata()) == [80.0, 160.0]
     compare(folders, tmp_path / "cmp")
