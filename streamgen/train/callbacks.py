@@ -14,7 +14,11 @@ There is no ``epoch`` tag (the stream has no epochs).
 - ``stream/queue_fill``: filled slots / slots of rank 0's queue, averaged over every step of
   the window (the slot count is in the chart title and the config);
 - ``stream/generator_images_per_s`` (the node's generators), ``stream/generator<g>_images_per_s``
-  (each) and ``stream/trainer_images_per_s`` (all ranks): on one custom-scalars chart;
+  (each) and ``stream/trainer_images_per_s`` (all ranks): on one custom-scalars chart. A
+  custom-scalars chart colours its lines by run (and tells a run's tags apart only by a small
+  symbol), so each rate is also written as ``throughput/images_per_s`` of its own sub-run
+  (``RUN/throughput/generators``, ``.../generator<g>``, ``.../trainers``): the chart draws
+  that tag, one colour per producer and consumer;
 - ``stream/redraws``, ``stream/generator_restarts``: totals so far (integers);
 - ``workers/<role><i>_gpu_util`` (%) and ``workers/<role><i>_gpu_memory_gib`` for every
   trainer and generator GPU, read with NVML (nothing is logged on CPU);
@@ -44,6 +48,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
+import re
 import shutil
 import sys
 import time
@@ -66,6 +72,10 @@ from streamgen.stream.worker import GeneratorStats
 from streamgen.train.compute import ScoresWhileTraining
 from streamgen.train.dashboard import dashboard_query, pinned_tags
 
+# Rates written again, each into a sub-run of its own, for a chart with one colour per line.
+THROUGHPUT = re.compile(r"stream/(?P<who>(?:node\d+_)?generator\d*|trainer)_images_per_s")
+THROUGHPUT_RUNS = {"generator": "generators", "trainer": "trainers"}  # the totals
+THROUGHPUT_TAG = "throughput/images_per_s"
 PREVIEW_IMAGES = 16
 CAPTION_MIN_TILE = 128  # smaller stream images are enlarged (nearest, a whole factor) to this
 DESCRIPTIONS = {
@@ -114,6 +124,7 @@ class StreamLogger(TensorBoardLogger):
         self.global_step: Callable[[], int] | None = None
         self.descriptions = dict(DESCRIPTIONS)
         self._described: set[str] = set()
+        self._throughput: dict[str, Any] = {}  # sub-run name -> its SummaryWriter
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
@@ -125,6 +136,11 @@ class StreamLogger(TensorBoardLogger):
             self.add_scalar(tag, float(value.item() if isinstance(value, torch.Tensor) else value), step)
 
     def add_scalar(self, tag: str, value: float, step: int | None) -> None:
+        rate = THROUGHPUT.fullmatch(tag)
+        if rate is not None:
+            self._throughput_writer(THROUGHPUT_RUNS.get(rate["who"], rate["who"])).add_scalar(
+                THROUGHPUT_TAG, value, step
+            )
         description = self.descriptions.get(tag)
         if description is None or tag in self._described:
             self.experiment.add_scalar(tag, value, step)
@@ -154,6 +170,20 @@ class StreamLogger(TensorBoardLogger):
         # it had no val set).
         writer._get_file_writer().add_summary(ssi, 0)
         writer.add_custom_scalars(layout)
+
+    def _throughput_writer(self, name: str):
+        if name not in self._throughput:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._throughput[name] = SummaryWriter(os.path.join(self.log_dir, "throughput", name))
+        return self._throughput[name]
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        for writer in self._throughput.values():
+            writer.close()
+        self._throughput = {}
+        super().finalize(status)
 
     @rank_zero_only
     def log_run_end(self) -> None:
@@ -193,9 +223,10 @@ def dashboard_layout(slots: int, lr: float, peak_lr: float, generators: int) -> 
             ],
         },
         "2 stream": {
-            f"images/s: {generators} generator(s), each and in total, vs trainers": [
+            # One colour per line: each rate is its own sub-run (see THROUGHPUT).
+            f"images/s: {generators} generator(s), each and in total (throughput/generators), vs trainers": [
                 "Multiline",
-                [r"stream/generator\d*_images_per_s", "stream/trainer_images_per_s"],
+                [THROUGHPUT_TAG],
             ],
             "trainer wait fraction (1 = starved: generation is the bottleneck)": [
                 "Multiline",
@@ -205,7 +236,10 @@ def dashboard_layout(slots: int, lr: float, peak_lr: float, generators: int) -> 
             "redraws and generator restarts (totals)": ["Multiline", ["stream/redraws", "stream/generator_restarts"]],
             "fresh fraction of the images trained on (1: no replay)": ["Multiline", ["stream/fresh_fraction"]],
         },
-        "3 val": {"real images": ["Multiline", [r"val/.*"]]},
+        "3 val": {
+            "real images": ["Multiline", [r"val/.*"]],
+            "against compute (x: milli-GPU-hours, 1500 = 1.5 GPU-hours)": ["Multiline", [r"val_by_gpu_hours/.*"]],
+        },
         "4 probe": {"linear probes": ["Multiline", [r"probe/.*"]]},
         "5 compute": {
             "GPU-hours held (generators, trainers, total)": ["Multiline", [r"compute/.*gpu_hours"]],

@@ -228,6 +228,14 @@ def test_a_runs_dashboard_and_log_lines(train_run, tmp_path):
     total = dict(scalars["stream/generator_images_per_s"])
     each = [dict(scalars[f"stream/generator{g}_images_per_s"]) for g in (0, 1)]
     assert all(total[s] == pytest.approx(each[0][s] + each[1][s]) for s in total)
+    # The images/s chart: each rate again in a sub-run of its own (a chart colours its lines by run).
+    runs = sorted(p.name for p in (folder / "throughput").iterdir())
+    assert runs == ["generator0", "generator1", "generators", "trainers"]
+    for run, tag in zip(runs, ("generator0", "generator1", "generator", "trainer")):
+        assert (
+            read_scalars(folder / "throughput" / run)["throughput/images_per_s"]
+            == scalars[f"stream/{tag}_images_per_s"]
+        )
     # The resolved config: what ran, no `auto`, and null only for what was not asked for.
     resolved = yaml.safe_load((folder / "config.yaml").read_text())
     g, s, t = resolved["generator"], resolved["stream"], resolved["train"]
@@ -257,7 +265,17 @@ def test_a_runs_dashboard_and_log_lines(train_run, tmp_path):
         start.hparams["stream.slots"].number_value == 4 and start.hparams["train.precision"].string_value == "32-true"
     )
     assert start.hparams["train.budget_gpu_hours"].string_value == "None"  # differs from a run with a budget
-    assert any(v.tag == "custom_scalars__config__" for v in plugins["custom_scalars"])
+    (layout,) = [v for v in plugins["custom_scalars"] if v.tag == "custom_scalars__config__"]
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    charts = {
+        c.title: list(c.multiline.tag)
+        for cat in layout_pb2.Layout.FromString(layout.tensor.string_val[0]).category
+        for c in cat.chart
+    }
+    rates = [tags for title, tags in charts.items() if title.startswith("images/s: 2 generator(s)")]
+    assert rates == [["throughput/images_per_s"]]
+    assert charts["against compute (x: milli-GPU-hours, 1500 = 1.5 GPU-hours)"] == [r"val_by_gpu_hours/.*"]
     config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "peak LR is 0.1 x 8 / 256 = 0.003125" in config_text and "slots: 4" in config_text
     # The link to the Time Series page with train, stream, val pinned: printed by the launcher and

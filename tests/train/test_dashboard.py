@@ -17,6 +17,8 @@ STREAM_WITH_VAL = [
     "stream/trainer_images_per_s",
     "val/top1",
     "val/top5",
+    "compute/total_gpu_hours",
+    "val_by_gpu_hours/top1",
 ]
 
 
@@ -48,10 +50,10 @@ def test_host_and_port_and_the_relative_form():
     "stream, val, expected",
     [
         (True, True, STREAM_WITH_VAL),
-        (True, False, STREAM_WITH_VAL[:6]),
+        (True, False, [*STREAM_WITH_VAL[:6], "compute/total_gpu_hours"]),
         # a cache run has no queue (no stream/queue_fill); the wait and trainer images/s remain
         (False, True, [t for t in STREAM_WITH_VAL if t != "stream/queue_fill"]),
-        (False, False, [t for t in STREAM_WITH_VAL[:6] if t != "stream/queue_fill"]),
+        (False, False, [t for t in STREAM_WITH_VAL[:6] if t != "stream/queue_fill"] + ["compute/total_gpu_hours"]),
     ],
 )
 def test_only_the_tags_a_run_writes_are_pinned(stream, val, expected):
