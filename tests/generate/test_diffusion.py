@@ -117,7 +117,9 @@ def test_black_images_are_redrawn_and_counted():
     assert not torch.equal(images, clean)  # redrawn with a derived seed, not the same image
 
 
+@pytest.mark.long  # torch.compile on a CPU (50 s on 2 cores); bench/gpu_session.py compiles on the GPU
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_compiled_unet_gives_the_same_images():
     compiled = make(compile="on", batch_size=2)
     compiled.warmup()

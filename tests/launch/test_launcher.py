@@ -295,6 +295,7 @@ def _assert_stopped_with_last_checkpoint(run, folder: Path, shm_before: set, ran
     return step
 
 
+@pytest.mark.long  # also covered by test_timeout_signals_the_whole_group_and_the_run_still_saves_and_resumes_exactly
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_sigterm_saves_last_ckpt_and_the_resumed_run_loses_no_step(train_run, tmp_path):

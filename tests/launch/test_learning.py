@@ -1,6 +1,6 @@
 """A run that learns, end to end, on ``--model shapes`` (configs/smoke.yaml): the label of each
 sample reaches the loss with the pixels of that sample, on every path (stream on one rank or two,
-cache, SIGTERM and resume; multi-crop with the t-ReX head: alignment only, see its test).
+cache, SIGTERM and resume, multi-crop with the t-ReX head over a longer schedule).
 
 Two oracles, independent of the trainer:
 - alignment, exactly: the testing hook ``STREAMGEN_AUDIT_PIXELS=1`` records for every image a
@@ -12,7 +12,8 @@ Two oracles, independent of the trainer:
   permuted near chance (eval.py, as a user runs it).
 
 Measured on the 2-core CPU, loaded (see README, smoke): val top-1 0.59-0.67 (stream, 1 rank), 0.55
-(2 ranks), 0.48 (cache), 0.62 (resumed) after the smoke's 200 steps; the permuted controls
+(2 ranks), 0.48 (cache), 0.62 (resumed) after the smoke's 200 steps, 0.37 (multi-crop + t-ReX)
+after 600; the permuted controls
 0.01-0.03 (a cyclic permutation: a model that learned scores below chance). The thresholds keep a
 wide margin: LEARNED 0.3 = 3x chance; permuted below 0.2.
 """
@@ -122,10 +123,10 @@ def eval_top1(checkpoint: Path, data: Path, out: Path) -> float:
     return json.loads(out.read_text())["benchmarks"][0]["top1"] / 100
 
 
-def assert_learned(folder: Path, tmp_path: Path) -> float:
+def assert_learned(folder: Path, tmp_path: Path, learned: float = LEARNED) -> float:
     """val/top1 (logged by the run) far above chance; eval.py on the permuted folders near chance."""
     top1 = last_val_top1(folder)
-    assert top1 > LEARNED, f"val top-1 {top1:.3f}: the run did not learn"
+    assert top1 > learned, f"val top-1 {top1:.3f}: the run did not learn"
     ckpt = folder / "checkpoints" / "last.ckpt"
     permuted = eval_top1(ckpt, permuted_copy(folder / "val_shapes", tmp_path / "permuted"), tmp_path / "p.json")
     assert permuted < CHANCE_MAX, f"top-1 {permuted:.3f} on permuted labels: the score is not about the classes"
@@ -201,17 +202,20 @@ def test_a_cache_run_learns_with_every_label_aligned(train_run, tmp_path):
 
 
 @pytest.mark.long
-@pytest.mark.timeout(1200)
-def test_multicrop_with_the_trex_head_keeps_every_label_aligned(train_run, tmp_path):
-    """Alignment only: in the smoke's 200 steps the multi-crop recipe with the t-ReX head does not
-    yet learn far above chance (measured val top-1 0.136, chance 0.10), so no learning threshold is
-    claimed here; which schedule makes it learn on a CPU is open."""
+@pytest.mark.timeout(1800)
+def test_multicrop_with_the_trex_head_learns_with_every_label_aligned(train_run, tmp_path):
+    """The multi-crop recipe with the t-ReX head learns more slowly than one crop and a linear head
+    (its crops of a 32 px image are small and heavily jittered): 600 steps instead of the smoke's
+    200. Measured val top-1 0.18 / 0.25 / 0.33 / 0.38 / 0.37 / 0.37 at steps 100-600 (0.136 after
+    a 200-step schedule; 0.27 with a linear head), chance 0.10; claimed: above 0.25."""
     recipe = ["--train.augment", "multicrop", "--train.head", "trex", "--train.local_crops", "2"]
-    run = train_run("--generators", "2", *recipe, config=SMOKE, env=AUDIT)
-    assert run.wait(1100) == 0, run.output[-3000:]
+    steps = ["--train.max_steps", "600", "--train.val_every", "200", "--train.checkpoint_every", "300"]
+    run = train_run("--generators", "2", *recipe, *steps, config=SMOKE, env=AUDIT)
+    assert run.wait(1700) == 0, run.output[-3000:]
     folder = run_folder(tmp_path)
     batch = parse_config(["--config", str(ROOT / SMOKE)]).stream.batch_size
-    assert assert_aligned(folder, batch) == 200 * batch  # the stream images the crops were cut from
+    assert assert_aligned(folder, batch) == 600 * batch  # the stream images the crops were cut from
+    assert_learned(folder, tmp_path, learned=0.25)
 
 
 @pytest.mark.long
@@ -224,14 +228,17 @@ def test_a_run_stopped_by_sigterm_and_resumed_learns_with_every_label_aligned(tr
     stopped = run_folder(tmp_path)
     ckpt = stopped / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
-    second = train_run("--generators", "2", "--resume", str(ckpt), config=SMOKE, env=AUDIT)
+    trained = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]  # steps before the stop
+    first_rows = read_audit(stopped)[0]
+    # Resumed by its folder: it continues there (its audit file appended), no version_1.
+    second = train_run("--generators", "2", "--resume", str(stopped), config=SMOKE, env=AUDIT)
     assert second.wait(1100) == 0, second.output[-3000:]
-    resumed = run_folder(tmp_path, version=1)
+    assert not (stopped.parent / "version_1").exists()
     batch = parse_config(["--config", str(ROOT / SMOKE)]).stream.batch_size
     assert_aligned(stopped, batch)
-    assert_aligned(resumed, batch)
-    trained = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]  # steps before the stop
-    before = {r[1] for r in read_audit(stopped)[0] if r[0] < trained}
-    after = {r[1] for r in read_audit(resumed)[0]}
-    assert not before & after  # no id trained on twice across the resume
-    assert_learned(resumed, tmp_path)
+    rows = read_audit(stopped)[0]
+    assert rows[: len(first_rows)] == first_rows
+    before = {r[1] for r in first_rows if r[0] < trained}
+    after = {r[1] for r in rows[len(first_rows) :]}
+    assert after and not before & after  # no id trained on twice across the resume
+    assert_learned(stopped, tmp_path)
