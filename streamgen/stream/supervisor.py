@@ -122,6 +122,7 @@ class _Generator:
     retired: bool = False
     started_at: float = 0.0  # when this life was spawned
     job_since: float = 0.0  # when the current job was handed out
+    idle_since: float = 0.0  # when it last finished a job: the longest idle is served first
     unit_times: deque = field(default_factory=lambda: deque(maxlen=UNIT_TIMES))
     hung: str = ""  # why the watchdog killed it, if it did
 
@@ -268,7 +269,7 @@ class Supervisor:
                     self.log(f"{g.name} ready in {message[1]:.1f} s")
                 elif kind == "done":
                     g.unit_times.append(time.monotonic() - g.job_since)
-                    g.job = None
+                    g.job, g.idle_since = None, time.monotonic()
                 elif kind == "error":
                     g.last_error = message[1]
         except (EOFError, OSError):
@@ -378,8 +379,10 @@ class Supervisor:
                 self._start(g)
 
     def _dispatch(self) -> None:
-        """Give each idle, ready generator the next unit of the rank with the fewest queued."""
-        for g in self.generators:
+        """Give each idle, ready generator the next unit of the rank with the fewest queued, the
+        longest idle first: when generation outpaces the trainers, the work (and the generators'
+        images/s on the dashboard) is shared, not left to whichever generator comes first."""
+        for g in sorted(self.generators, key=lambda g: g.idle_since):
             if not g.ready or g.job is not None or g.process is None:
                 continue
             rank = self._hungriest_rank()

@@ -211,9 +211,12 @@ def hparam_values(resolved: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def dashboard_layout(slots: int, lr: float, peak_lr: float, generators: int) -> dict:
-    """The Custom Scalars page: the overview, in the order a researcher reads it."""
-    return {
+def dashboard_layout(
+    slots: int, lr: float, peak_lr: float, generators: int, val: bool = True, probes: bool = True, devices: bool = True
+) -> dict:
+    """The Custom Scalars page: the overview, in the order a researcher reads it; no chart for what
+    the run does not log (no val set, no probes, no GPU), where TensorBoard would draw empty axes."""
+    layout = {
         "1 train": {
             "loss": ["Multiline", ["train/loss"]],
             "top-1 on the stream (unseen images)": ["Multiline", ["train/top1_stream"]],
@@ -251,6 +254,10 @@ def dashboard_layout(slots: int, lr: float, peak_lr: float, generators: int) -> 
             "GPU memory (GiB)": ["Multiline", [r"workers/.*_gpu_memory_gib"]],
         },
     }
+    for category, shown in (("3 val", val), ("4 probe", probes), ("6 devices", devices)):
+        if not shown:
+            del layout[category]
+    return layout
 
 
 class GpuReader:
@@ -356,7 +363,15 @@ class StreamMonitor(L.Callback):
                 metrics.append(f"probe/{probe.split('=', 1)[0].strip()}/top1")
         if any(hasattr(c, "total_gpu_hours") for c in trainer.callbacks):
             metrics.append("compute/total_gpu_hours")
-        layout = dashboard_layout(stream["slots"], float(train["lr"]), peak, resolved["generators"])
+        layout = dashboard_layout(
+            stream["slots"],
+            float(train["lr"]),
+            peak,
+            resolved["generators"],
+            val=bool(train.get("val_dir")),
+            probes=any(m.startswith("probe/") for m in metrics),
+            devices=bool(self._gpus is not None and self._gpus.handles),
+        )
         trainer.logger.log_run(resolved, notes, metrics, layout)
 
     def _logs_at(self, step: int) -> bool:

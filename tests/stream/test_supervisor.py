@@ -75,6 +75,27 @@ def test_several_producers_one_consumer_small_queue():
     check_exactly_once(records, 150)
 
 
+def _slow_consume(queue: SlotQueue, units: int, seconds: float) -> None:
+    for _ in range(units):
+        slot = queue.get()
+        time.sleep(seconds)  # a trainer slower than its generators
+        queue.release(slot)
+
+
+@pytest.mark.timeout(120)
+def test_generators_faster_than_the_trainer_share_the_work():
+    """Each freed slot goes to the generator idle the longest: with fast generators and a slow
+    trainer all of them make units (before, generator 0 took every slot and the others showed
+    0 images/s), and each unit still arrives exactly once."""
+    with supervisor(generators=3, slots=2) as sup:
+        consumer = threading.Thread(target=_slow_consume, args=(sup.queues[0], 60, 0.02))
+        consumer.start()
+        run_until(sup, lambda: not consumer.is_alive(), 90)
+        units = sup.stats.table[:, sup.stats.FIELDS.index("units")]
+    assert units.sum() >= 60
+    assert units.min() >= 10, units  # an even share is 20 each
+
+
 def _consumer_process(queue: SlotQueue, rank: int, ranks: int, units: int, results) -> None:
     """Consume until every one of this rank's first ``units`` units has arrived (units arrive
     out of order, so a few later ones come too); report everything consumed."""

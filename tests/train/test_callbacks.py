@@ -317,3 +317,14 @@ def test_gpu_figures_come_from_nvml_by_device_uuid(monkeypatch):
         "workers/trainer0_gpu_util": 97.0,
         "workers/trainer0_gpu_memory_gib": 4.0,
     }
+
+
+def test_the_layout_has_no_chart_for_what_a_run_does_not_log():
+    """No val set, no probes, no GPU: TensorBoard would draw empty axes for their charts."""
+    from streamgen.train.callbacks import dashboard_layout
+
+    full = dashboard_layout(4, 0.1, 0.05, 2)
+    assert list(full) == ["1 train", "2 stream", "3 val", "4 probe", "5 compute", "6 devices"]
+    bare = dashboard_layout(4, 0.1, 0.05, 2, val=False, probes=False, devices=False)
+    assert list(bare) == ["1 train", "2 stream", "5 compute"]
+    assert bare["5 compute"] == full["5 compute"]
