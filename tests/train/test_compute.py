@@ -477,3 +477,22 @@ def test_config_pairs_differ_only_in_reuse_at_the_same_budget(stream, cache):
         assert a[key] == b[key], key
     for key in ("arch", "crop", "lr", "augment", "head", "label_smoothing"):
         assert a["train"][key] == b["train"][key], key
+
+
+def test_the_smoke_reuse_arm_differs_from_the_stream_arm_only_in_reuse():
+    from streamgen.config import to_dict
+
+    root = Path(__file__).resolve().parents[2]
+    stream, reuse = (
+        to_dict(parse_config(["--config", str(root / "configs" / f"{name}.yaml")]))
+        for name in ("smoke_stream", "smoke_reuse")
+    )
+    assert (reuse["stream"]["reuse"], reuse["stream"]["buffer"]) == ("auto", 320)
+    for key in ("classes", "prompt", "model", "seed", "generator", "generators", "trainers", "source"):
+        assert reuse[key] == stream[key], key
+    assert {k: v for k, v in reuse["stream"].items() if k not in ("reuse", "buffer")} == {
+        k: v for k, v in stream["stream"].items() if k not in ("reuse", "buffer")
+    }
+    assert {k: v for k, v in reuse["train"].items() if k != "max_steps"} == {
+        k: v for k, v in stream["train"].items() if k != "max_steps"
+    }
