@@ -101,15 +101,17 @@ class Run:
         return "stream" if reuse == "1" else f"reuse {reuse}"
 
     def describe(self) -> str:
+        """The run's source in words: ``stream, 2 generator(s), 1 trainer(s)``, ``stream, reuse 4
+        (buffer 64), ...``, ``cache (320 images), 1 trainer(s)``."""
         c = self.config
         trainers = f"{c.get('trainers', '?')} trainer(s)"
         if c.get("source", "stream") == "cache":  # its generators only built the cache (the build cost counts)
             cache = c.get("cache") or {}
             size = f"{cache['images']} images" if cache.get("images") else f"{cache.get('scale')}x real size"
-            return f"{self.arm}: cache ({size}), {trainers}"
+            return f"cache ({size}), {trainers}"
         buffer = (c.get("stream") or {}).get("buffer")
-        replay = f", buffer {buffer}" if self.arm != "stream" and buffer else ""
-        return f"{self.arm}: stream, {c.get('generators', '?')} generator(s), {trainers}{replay}"
+        replay = "" if self.arm == "stream" else f", {self.arm}" + (f" (buffer {buffer})" if buffer else "")
+        return f"stream{replay}, {c.get('generators', '?')} generator(s), {trainers}"
 
 
 # -- reading ----------------------------------------------------------------------------------------

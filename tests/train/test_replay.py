@@ -461,8 +461,9 @@ def test_compare_labels_and_draws_stream_replay_and_cache_runs_against_unique_im
     assert list(top1[1].get_lines()[1].get_xdata()) == [80.0, 160.0]
     compare(folders, tmp_path / "cmp")
     table = (tmp_path / "cmp" / TABLE).read_text()
-    assert "| reuse 4: stream, 1 generator(s), 1 trainer(s), buffer 64 |" in table
-    assert "| cache 1x: cache (80 images), 1 trainer(s) |" in table
+    assert "| stream, 1 generator(s), 1 trainer(s) |" in table
+    assert "| stream, reuse 4 (buffer 64), 1 generator(s), 1 trainer(s) |" in table
+    assert "| cache (80 images), 1 trainer(s) |" in table
 
 
 def test_a_replay_checkpoint_is_read_as_a_stream_position_by_the_launcher():
