@@ -433,7 +433,8 @@ def test_a_cache_runs_build_counts_and_a_budget_it_used_up_is_refused(train_run,
     cache_dir = tmp_path / "cache"
     cache = train_run(
         "--model", "fake", "--train.budget_gpu_hours", str(budget), "--cache.dir", str(cache_dir),
-        "--cache.images", "64", "--train.max_steps", "100000", "--train.val_shapes", "0", config="configs/smoke_cache.yaml",
+        "--cache.images", "64", "--train.epochs", "none", "--train.max_steps", "100000", "--train.val_shapes", "0",
+        config="configs/smoke_cache.yaml",
     )  # fmt: skip
     assert cache.wait(400) == 0, cache.output[-3000:]
     folder = tmp_path / "runs" / "smoke_cache" / "version_0"
