@@ -3,7 +3,8 @@
 It runs in the launcher's main thread. Each trainer rank r has a `SlotQueue` and a ledger of
 the units it owns (``u = r + k*T``). The supervisor hands every idle generator one job
 ``(rank, slot, unit)``: the next unit of the hungriest rank, and a FREE slot of that rank's
-queue which it claims itself. When a generator dies (an exception, an out-of-memory error,
+queue which it claims itself; the generator idle the longest is served first, so that
+generators faster than their trainers share the work. When a generator dies (an exception, an out-of-memory error,
 SIGKILL), the supervisor knows its one job: if the slot was not committed it is freed and the
 unit goes back to the rank's ledger to be made again; then the generator is restarted with
 exponential backoff.
