@@ -110,6 +110,7 @@ def test_a_run_logs_probes_at_their_steps(train_run, tmp_path, shapes):
     assert units == list(range(10))  # the stream waited: every unit once, in order
 
 
+@pytest.mark.long  # probes in a run: test_a_run_logs_probes_at_their_steps; two ranks: the launcher and replay DDP tests
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_two_ranks_share_the_extraction_and_lose_no_stream_sample(train_run, tmp_path, shapes):

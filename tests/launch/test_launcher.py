@@ -599,6 +599,7 @@ def _is_trainer(pid: int) -> bool:
         return False
 
 
+@pytest.mark.long  # the traceback: test_supervisor.py::test_too_many_failures_stop_the_stream_with_the_workers_traceback
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_generator_that_keeps_failing_stops_the_run_with_its_traceback(train_run):
@@ -721,6 +722,7 @@ def test_two_trainer_ranks_share_the_stream_without_overlap(train_run, tmp_path)
     assert sorted(c["rank"] for c in state["cursors"]) == [0, 1]  # every rank's position saved
 
 
+@pytest.mark.long  # validation while training: test_a_runs_dashboard_and_log_lines, test_compare_a_finished_..., test_learning
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_real_images_are_evaluated_while_training(train_run, tmp_path):

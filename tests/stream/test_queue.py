@@ -210,7 +210,7 @@ def test_two_runs_of_one_config_consume_the_same_units_at_the_same_steps(train_r
 
     from streamgen.stream.worker import FAULT_ENV
 
-    args = ("--generators", "2", "--train.max_steps", "8", "--train.log_every", "1")  # the tiny SD model
+    args = ("--model", "fake", "--generators", "2", "--train.max_steps", "8", "--train.log_every", "1")
     first = train_run(*args, "--name", "a")
     assert first.wait(240) == 0, first.output[-2000:]
     second = train_run(*args, "--name", "b", "--stream.restart_backoff", "0.5", env={FAULT_ENV: "kill:0:2"})

@@ -59,6 +59,7 @@ def test_a_stopped_trainer_stops_the_run_with_a_message_naming_its_rank(train_ru
     assert not run.processes(), "a process of the run outlived it"
 
 
+@pytest.mark.long  # retiring: the supervisor tests (test_a_generator_failing_too_often_..., ..._the_last_one_retired_stops_the_stream)
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_generators_retired_one_by_one_then_the_run_stops_with_a_checkpoint(train_run, tmp_path):

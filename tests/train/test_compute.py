@@ -374,11 +374,12 @@ def _final_line_gpu_hours(output: str) -> float:
     return float(re.findall(r" step=\S+ .* gpu_hours=(\S+)$", output, re.M)[-1])
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_one_compute_figure_for_a_budget_stopped_run_and_its_resume_in_the_same_folder(train_run, tmp_path):
-    """The log line, the checkpoint, compute/total_gpu_hours and compare give one figure: that of
-    the end of training, a validation after the budget stop included; resuming by folder continues it."""
+BUDGET_RUN = ("--model", "fake", "--train.max_steps", "100000", "--train.log_every", "10")
+
+
+def budget_stopped_run(train_run, tmp_path) -> tuple[tuple[str, ...], Path, int, float]:
+    """A run stopped by its budget with a validation after the stop, checked to show one figure
+    everywhere; returns its arguments, folder, last step and total."""
     from conftest import read_scalars, write_image_folder
 
     from streamgen.compare import main as compare_main
@@ -386,7 +387,7 @@ def test_one_compute_figure_for_a_budget_stopped_run_and_its_resume_in_the_same_
 
     val = write_image_folder(tmp_path / "val", load_classes("imagenet100:10").keys[:3], per_class=2)
     budget, max_steps = 0.025, 100000  # 90 device-seconds: 45 s of 1 generator + 1 trainer, start-up included
-    args = ("--model", "fake", "--train.max_steps", str(max_steps), "--train.log_every", "10")
+    args = BUDGET_RUN
     val_args = ("--train.val_dir", str(val), "--train.val_every", "25", "--train.workers", "0")
     run = train_run(*args, *val_args, "--train.budget_gpu_hours", str(budget))
     assert run.wait(300) == 0, run.output[-3000:]
@@ -407,10 +408,28 @@ def test_one_compute_figure_for_a_budget_stopped_run_and_its_resume_in_the_same_
     # Ten steps of a fake stream take well under a second; the spawn, imports and model build take
     # seconds (4.9 s measured on CI's 2 cores): above 2 s of wall, the start-up is in the figure.
     assert first_step == 10 and first_total * 3600 / 2 > 2
+    return (*args, *val_args), folder, last_step, last_total
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_one_compute_figure_for_a_budget_stopped_run(train_run, tmp_path):
+    """The log line, the checkpoint, compute/total_gpu_hours and compare give one figure: that of
+    the end of training, a validation after the budget stop included."""
+    budget_stopped_run(train_run, tmp_path)
+
+
+@pytest.mark.long  # the first part is test_one_compute_figure_for_a_budget_stopped_run
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_budget_stopped_run_resumed_by_folder_continues_its_accounting(train_run, tmp_path):
+    from conftest import read_scalars
+
+    args, folder, last_step, last_total = budget_stopped_run(train_run, tmp_path)
+    budget, max_steps = 0.025, 100000
     # Resumed by its folder with a larger budget: the same folder, the accounting continues.
     more = budget + 0.02  # the resumed part's start-up is charged too: room for it and some steps
-    resumed = train_run(*args, *val_args, "--train.budget_gpu_hours", str(more), "--resume", str(folder))
+    resumed = train_run(*args, "--train.budget_gpu_hours", str(more), "--resume", str(folder))
     assert resumed.wait(300) == 0, resumed.output[-3000:]
     assert f"at step {last_step} (" in resumed.output and "train.budget_gpu_hours 0.025 -> 0.045" in resumed.output
     assert not (tmp_path / "runs" / "smoke" / "version_1").exists()

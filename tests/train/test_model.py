@@ -186,6 +186,7 @@ def test_checkpoint_round_trip_keeps_the_head(tmp_path, hparams):
         torch.testing.assert_close(loaded(images), model(images))
 
 
+@pytest.mark.long  # the OCM head: the test_model unit tests; multi-crop end to end: test_learning (long)
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_train_py_with_multicrop_and_trex_ocm_head_completes(train_run, tmp_path):
