@@ -189,6 +189,9 @@ def test_in_order_consumption_survives_a_crashed_generator(monkeypatch, fault):
     monkeypatch.setenv(FAULT_ENV, fault)
     results = SPAWN.Queue()
     with supervisor(generators=3, slots=2, restart_backoff=0.5) as sup:
+        # Every generator ready first: the fake units are so fast that 60 of them could all be
+        # made before a slow-starting generator 1 takes its third, and the fault would never fire.
+        run_until(sup, lambda: sup.all_ready, 90)
         consumer = SPAWN.Process(target=_in_order_consumer, args=(sup.queues[0], 60, results))
         consumer.start()
         run_until(sup, lambda: not consumer.is_alive(), 150)
