@@ -109,9 +109,11 @@ class Run:
             cache = c.get("cache") or {}
             size = f"{cache['images']} images" if cache.get("images") else f"{cache.get('scale')}x real size"
             return f"cache ({size}), {trainers}"
-        buffer = (c.get("stream") or {}).get("buffer")
-        replay = "" if self.arm == "stream" else f", {self.arm}" + (f" (buffer {buffer})" if buffer else "")
-        return f"stream{replay}, {c.get('generators', '?')} generator(s), {trainers}"
+        source = "stream"
+        if self.arm != "stream":  # a replay run: its reuse and buffer
+            buffer = (c.get("stream") or {}).get("buffer")
+            source += f", {self.arm}" + (f" (buffer {buffer})" if buffer else "")
+        return f"{source}, {c.get('generators', '?')} generator(s), {trainers}"
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -190,7 +192,7 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def label_runs(runs: list[Run]) -> None:
-    """Each run's ``setting``: the settings that differ between the runs (`LABEL_KEYS`, replay.*),
+    """Each run's ``setting``: the settings that differ between the runs (`LABEL_KEYS`, the arm first),
     and its ``label``: the setting, with its seed where runs of one setting differ only in it, or
     with its folder where nothing tells them apart."""
     flats = [{"arm": r.arm, **_flat(r.config)} for r in runs]
