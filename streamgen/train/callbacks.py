@@ -239,9 +239,11 @@ def dashboard_layout(
             "redraws and generator restarts (totals)": ["Multiline", ["stream/redraws", "stream/generator_restarts"]],
             "fresh fraction of the images trained on (1: no replay)": ["Multiline", ["stream/fresh_fraction"]],
         },
+        # Accuracies (fractions) apart from the loss and the skipped count, whose scales would flatten them.
         "3 val": {
-            "real images": ["Multiline", [r"val/.*"]],
-            "against compute (x: milli-GPU-hours, 1500 = 1.5 GPU-hours)": ["Multiline", [r"val_by_gpu_hours/.*"]],
+            "top-1 and top-5 on real images": ["Multiline", [r"val/top\d"]],
+            "against compute (x: milli-GPU-hours, 1500 = 1.5 GPU-hours)": ["Multiline", [r"val_by_gpu_hours/top\d"]],
+            "loss on real images, unreadable images skipped": ["Multiline", ["val/loss", "val/skipped_images"]],
         },
         "4 probe": {"linear probes": ["Multiline", [r"probe/.*"]]},
         "5 compute": {

@@ -275,7 +275,9 @@ def test_a_runs_dashboard_and_log_lines(train_run, tmp_path):
     }
     rates = [tags for title, tags in charts.items() if title.startswith("images/s: 2 generator(s)")]
     assert rates == [["throughput/images_per_s"]]
-    assert charts["against compute (x: milli-GPU-hours, 1500 = 1.5 GPU-hours)"] == [r"val_by_gpu_hours/.*"]
+    assert charts["against compute (x: milli-GPU-hours, 1500 = 1.5 GPU-hours)"] == [r"val_by_gpu_hours/top\d"]
+    val_charts = [charts[t] for t in charts if "real images" in t]
+    assert val_charts == [[r"val/top\d"], ["val/loss", "val/skipped_images"]]  # fractions apart from the loss
     config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "peak LR is 0.1 x 8 / 256 = 0.003125" in config_text and "slots: 4" in config_text
     # The link to the Time Series page with train, stream, val pinned: printed by the launcher and
